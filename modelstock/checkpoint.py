@@ -1,0 +1,452 @@
+"""Checkpoint files: reading tensors one at a time, writing them streamed and atomically.
+
+Knows nothing of the merge. Readers:
+  - safetensors, one file: our own header parser and ``os.preadv`` straight into the caller's
+    buffer, so nothing is memory-mapped and resident memory does not grow with the file;
+  - sharded safetensors: an ``*.index.json`` (Hugging Face layout) or a folder holding one;
+  - torch ``.pt/.pth/.bin``: ``torch.load(weights_only=True)`` only (a checkpoint never runs
+    code), unwrapping open_clip's ``{"state_dict": ...}``.
+Writers: safetensors streamed tensor by tensor (header first), optionally sharded with an
+index, or a ``.pt`` file; always into a temporary file beside the target, renamed at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import uuid
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .plan import InputError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit
+_MAX_IO = 1 << 30        # Linux moves at most ~2 GiB per read/write call
+INDEX_SUFFIX = ".index.json"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _as_bytes(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (bf16 included: numpy has none)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file; tensors are read on demand into caller-supplied buffers."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise InputError("no such file", self.path) from None
+        except IsADirectoryError:
+            raise InputError("is a folder without a *.safetensors.index.json", self.path) from None
+        except OSError as e:
+            raise InputError(f"cannot open: {e.strerror}", self.path) from None
+        try:
+            self._parse_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _parse_header(self) -> None:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise InputError("not a safetensors file (shorter than its 8-byte header size)", self.path)
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > _MAX_HEADER or 8 + hlen > size:
+            raise InputError("not a safetensors file, or truncated (header size out of range)", self.path)
+        try:
+            header = json.loads(os.pread(self._fd, hlen, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError("not a safetensors file, or corrupt (header is not JSON)", self.path) from None
+        if not isinstance(header, dict):
+            raise InputError("not a safetensors file (header is not a JSON object)", self.path)
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self._data_start = 8 + hlen
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        end_max = 0
+        for name, e in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                start, end = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise InputError("corrupt header entry", self.path, name) from None
+            if end - start != nbytes(dtype, shape) or start < 0:
+                raise InputError("corrupt header entry (offsets do not match the shape)", self.path, name)
+            self._entries[name] = (dtype, shape, start, end)
+            end_max = max(end_max, end)
+        if self._data_start + end_max > size:
+            raise InputError(
+                f"truncated: the header needs {self._data_start + end_max} bytes, the file has {size}", self.path)
+        # State-dict order, as far as the file keeps it: the order of the data.
+        self._entries = dict(sorted(self._entries.items(), key=lambda kv: kv[1][2]))
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {n: (e[0], e[1]) for n, e in self._entries.items()}
+
+    def read_into(self, name: str, out: Tensor, staging: Tensor | None = None) -> Tensor:
+        """Read ``name`` into the contiguous CPU tensor ``out`` (any floating dtype of the same
+        numel), converting from the stored dtype; ``staging`` is a reusable uint8 scratch buffer
+        for the raw bytes when a conversion is needed."""
+        dtype, shape, start, end = self._entries[name]
+        if out.dtype == dtype:
+            self._pread(_as_bytes(out), start, name)
+            return out
+        raw = staging[: end - start] if staging is not None and staging.numel() >= end - start \
+            else torch.empty(end - start, dtype=torch.uint8)
+        self._pread(_as_bytes(raw), start, name)
+        out.view(-1).copy_(raw.view(dtype))
+        return out
+
+    def read(self, name: str) -> Tensor:
+        dtype, shape, _, _ = self._entries[name]
+        return self.read_into(name, torch.empty(shape, dtype=dtype))
+
+    def _pread(self, buf: memoryview, start: int, name: str) -> None:
+        pos, total = 0, len(buf)
+        while pos < total:
+            n = os.preadv(self._fd, [buf[pos: pos + _MAX_IO]], self._data_start + start + pos)
+            if n <= 0:
+                raise InputError("truncated while reading", self.path, name)
+            pos += n
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def files(self) -> list[str]:
+        return [self.path]
+
+
+class ShardedSafetensors:
+    """A Hugging Face sharded checkpoint: ``*.safetensors.index.json`` plus its shard files."""
+
+    def __init__(self, index_path: str | os.PathLike):
+        self.path = str(index_path)
+        try:
+            index = json.loads(Path(self.path).read_text())
+            weight_map: dict[str, str] = index["weight_map"]
+        except FileNotFoundError:
+            raise InputError("no such file", self.path) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise InputError("not a safetensors index (no JSON 'weight_map')", self.path) from None
+        folder = Path(self.path).parent
+        self._shards: dict[str, SafetensorsFile] = {}
+        try:
+            for shard in dict.fromkeys(weight_map.values()):
+                self._shards[shard] = SafetensorsFile(folder / shard)
+        except BaseException:
+            self.close()
+            raise
+        self._where: dict[str, SafetensorsFile] = {}
+        for name, shard in weight_map.items():
+            if name not in self._shards[shard].tensors():
+                self.close()
+                raise InputError(f"listed in the index but not in {shard}", self.path, name)
+            self._where[name] = self._shards[shard]
+        first = next(iter(self._shards.values()), None)
+        self.metadata = dict(first.metadata) if first else {}
+        order = {}
+        for shard in self._shards.values():
+            order.update((n, m) for n, m in shard.tensors().items() if self._where.get(n) is shard)
+        self._tensors = order
+
+    def tensors(self):
+        return dict(self._tensors)
+
+    def read_into(self, name, out, staging=None):
+        return self._where[name].read_into(name, out, staging)
+
+    def read(self, name):
+        return self._where[name].read(name)
+
+    def close(self):
+        for s in self._shards.values():
+            s.close()
+
+    def files(self):
+        return [self.path] + [s.path for s in self._shards.values()]
+
+
+class TorchFile:
+    """A ``torch.save`` checkpoint, loaded with ``weights_only=True`` (memory-mapped when the
+    file is in the zip format, so tensors are paged in as they are read)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise InputError("no such file", self.path)
+        try:
+            try:
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) format cannot be mapped
+                    raise
+                obj = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and weights_only errors all mean the same to a user
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                raise InputError("refused: the file holds Python objects, not only tensors "
+                                 "(loaded with weights_only=True)", self.path) from None
+            raise InputError(f"not a checkpoint, or corrupt ({first})", self.path) from None
+        self._sd = unwrap_state_dict(obj, self.path)
+        self.metadata: dict[str, str] = {}
+
+    def tensors(self):
+        return {n: (t.dtype, tuple(t.shape)) for n, t in self._sd.items()}
+
+    def read_into(self, name, out, staging=None):
+        out.view(-1).copy_(self._sd[name].reshape(-1))
+        return out
+
+    def read(self, name):
+        return self._sd[name]
+
+    def close(self):
+        self._sd = {}
+
+    def files(self):
+        return [self.path]
+
+
+def unwrap_state_dict(obj, source: str) -> dict[str, Tensor]:
+    """The state dict inside what training scripts save: open_clip's ``{"epoch", "name",
+    "state_dict", "optimizer"}`` and the common ``{"model": ...}`` wrapper."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise InputError("not a checkpoint (no mapping of names to tensors)", source)
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise InputError(f"not a state dict: '{bad[0]}' is a {type(obj[bad[0]]).__name__}, not a tensor", source)
+    return dict(obj)
+
+
+def open_checkpoint(path: str | os.PathLike):
+    """Open a checkpoint for reading, choosing the reader from the path."""
+    p = Path(path)
+    if p.is_dir():
+        indexes = sorted(p.glob("*.safetensors" + INDEX_SUFFIX))
+        if len(indexes) == 1:
+            return ShardedSafetensors(indexes[0])
+        files = sorted(p.glob("*.safetensors"))
+        if not indexes and len(files) == 1:
+            return SafetensorsFile(files[0])
+        raise InputError("a folder must hold one *.safetensors.index.json (or one .safetensors file)", str(p))
+    if p.name.endswith(INDEX_SUFFIX):
+        return ShardedSafetensors(p)
+    if p.suffix in TORCH_SUFFIXES:
+        return TorchFile(p)
+    if not p.exists():
+        raise InputError("no such file", str(p))
+    return SafetensorsFile(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+class _AtomicFile:
+    """A file written under a temporary name beside its target and renamed on commit."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self.f = open(self.tmp, "xb")
+
+    def write(self, data) -> None:
+        self.f.write(data)
+
+    def finish(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.target)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _header_bytes(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = nbytes(dtype, shape)
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def shard_paths(out: Path, count: int) -> tuple[list[Path], Path]:
+    """Hugging Face naming: ``model.safetensors`` -> ``model-00001-of-00003.safetensors`` and
+    ``model.safetensors.index.json``."""
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    return ([out.with_name(f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors") for i in range(count)],
+            out.with_name(out.name + INDEX_SUFFIX))
+
+
+class CheckpointWriter:
+    """Writes tensors in a fixed order, streamed: header first, then each tensor as it comes.
+
+    ``entries`` lists (name, dtype, shape) in the order ``write`` will be called. Output kinds:
+    ``.pt`` (collected, then ``torch.save``), one ``.safetensors`` file, or shards of at most
+    ``shard_size`` bytes with an index. Nothing appears at the target paths before ``commit``;
+    ``abort`` (or an exception inside ``with``) removes every temporary file.
+    """
+
+    def __init__(self, out: str | os.PathLike, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None, shard_size: int | None = None):
+        self.out = Path(out)
+        self._metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._entries = list(entries)
+        self._files: list[_AtomicFile] = []
+        self._pt: dict[str, Tensor] | None = None
+        self._index: Path | None = None
+        self._where: list[int] = []
+        self._next = 0
+        self.paths: list[Path] = []
+        if self.out.suffix in TORCH_SUFFIXES:
+            self._pt = {}
+            self.paths = [self.out]
+            return
+        groups = self._shard(shard_size)
+        if len(groups) > 1:
+            self.paths, self._index = shard_paths(self.out, len(groups))
+        else:
+            self.paths = [self.out]
+        try:
+            for path, group in zip(self.paths, groups):
+                f = _AtomicFile(path)
+                self._files.append(f)
+                f.write(_header_bytes([self._entries[i] for i in group], self._metadata))
+        except BaseException:
+            self.abort()
+            raise
+        self._where = [0] * len(self._entries)
+        for s, group in enumerate(groups):
+            for i in group:
+                self._where[i] = s
+        if self._index:
+            self.paths.append(self._index)
+
+    def _shard(self, shard_size: int | None) -> list[list[int]]:
+        groups: list[list[int]] = [[]]
+        used = 0
+        for i, (_, dtype, shape) in enumerate(self._entries):
+            size = nbytes(dtype, shape)
+            if shard_size and groups[-1] and used + size > shard_size:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += size
+        return groups
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        i = self._next
+        ename, dtype, shape = self._entries[i]
+        if name != ename or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"writer expected {ename} {dtype} {list(shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
+        self._next += 1
+        if self._pt is not None:
+            self._pt[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            return
+        buf = _as_bytes(tensor.detach().cpu().contiguous())
+        f = self._files[self._where[i]]
+        for pos in range(0, len(buf), _MAX_IO):
+            f.write(buf[pos: pos + _MAX_IO])
+
+    def commit(self) -> list[Path]:
+        if self._next != len(self._entries):
+            raise RuntimeError(f"writer got {self._next} of {len(self._entries)} tensors")
+        if self._pt is not None:
+            f = _AtomicFile(self.out)
+            self._files = [f]
+            try:
+                torch.save(self._pt, f.f)
+            except BaseException:
+                self.abort()
+                raise
+        try:
+            for f in self._files:
+                f.finish()
+            index_file = None
+            if self._index:
+                index_file = _AtomicFile(self._index)
+                self._files.append(index_file)
+                total = sum(nbytes(d, s) for _, d, s in self._entries)
+                weight_map = {n: self.paths[self._where[i]].name for i, (n, _, _) in enumerate(self._entries)}
+                index_file.write(json.dumps({"metadata": {"total_size": total, **self._metadata},
+                                             "weight_map": weight_map}, indent=2).encode())
+                index_file.finish()
+        except BaseException:
+            self.abort()
+            raise
+        # The index goes last: a reader never finds an index naming shards not yet in place.
+        for f in self._files:
+            f.commit()
+        return self.paths
+
+    def abort(self) -> None:
+        for f in self._files:
+            f.abort()
+        self._files = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+def output_paths(out: str | os.PathLike, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                 shard_size: int | None) -> list[Path]:
+    """Every path a CheckpointWriter with these arguments would create (to check before work)."""
+    out = Path(out)
+    entries = list(entries)
+    if out.suffix in TORCH_SUFFIXES or not shard_size:
+        return [out]
+    total = sum(nbytes(d, s) for _, d, s in entries)
+    if total <= shard_size:
+        return [out]
+    # Count shards the way the writer cuts them.
+    count, used = 1, 0
+    for _, d, s in entries:
+        size = nbytes(d, s)
+        if used and used + size > shard_size:
+            count, used = count + 1, 0
+        used += size
+    if count == 1:
+        return [out]
+    shards, index = shard_paths(out, count)
+    return shards + [index]

@@ -1,0 +1,85 @@
+"""``modelstock`` command line: argument parsing, progress and errors around merge_files."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelstock", description="Model Stock checkpoint merging (ECCV 2024).")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser(
+        "merge", help="merge a pre-trained checkpoint with fine-tuned ones",
+        description="Merge BASE (pre-trained) with two or more checkpoints fine-tuned from it. "
+                    "Checkpoints: .safetensors, a sharded *.safetensors.index.json (or its folder), "
+                    ".pt/.pth/.bin (loaded with weights_only=True).")
+    m.add_argument("checkpoints", nargs="+", metavar="CKPT", help="BASE FT1 FT2 [FT...]")
+    m.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file: .safetensors (streamed) or .pt")
+    m.add_argument("--granularity", choices=("tensor", "row"), default="tensor",
+                   help="one ratio per tensor (paper) or per output row (dim 0)")
+    m.add_argument("--no-clamp", action="store_true",
+                   help="the authors' exact formula: cos clamped to [-1, 1], so t may leave [0, 1]")
+    m.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="tensors matching GLOB get the plain average of the fine-tuned models (repeatable)")
+    m.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's, per tensor)")
+    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    m.add_argument("--shard-size", metavar="SIZE", help="split the safetensors output into shards of at most "
+                   "SIZE (e.g. 2GB, 500MiB) with a Hugging Face index")
+    m.add_argument("--report", metavar="FILE.json", help="write the per-layer figures as JSON")
+    m.add_argument("--plot", metavar="FILE.png", help="draw the per-layer angle and ratio")
+    m.add_argument("--force", action="store_true", help="replace existing output files")
+    m.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    return p
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"modelstock: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if len(args.checkpoints) < 3:
+        return _fail(f"needs at least two fine-tuned checkpoints (got {len(args.checkpoints) - 1}): "
+                     "modelstock merge BASE FT1 FT2 [FT...] -o OUT")
+    for extra in (args.report, args.plot):
+        if extra and os.path.exists(extra) and not args.force:
+            return _fail(f"{extra}: exists (use --force to replace it)")
+        if extra and os.path.abspath(extra) in {os.path.abspath(c) for c in args.checkpoints + [args.output]}:
+            return _fail(f"{extra}: is also a checkpoint path")
+
+    import torch  # after argument errors, which should not wait for it
+
+    from .files import merge_files
+    from .plan import InputError
+
+    if args.device == "cuda":
+        return _fail("--device cuda needs the Triton merge kernels, which are not part of this release yet; "
+                     "use --device cpu")
+    try:
+        report = merge_files(
+            args.checkpoints[0], args.checkpoints[1:], args.output,
+            granularity=args.granularity, clamp=not args.no_clamp, exclude=args.exclude,
+            out_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+            shard_size=args.shard_size, force=args.force, progress=not args.quiet and sys.stderr.isatty())
+    except InputError as e:
+        return _fail(str(e))
+    except ValueError as e:  # a bad option value (shard size, granularity)
+        return _fail(str(e))
+    except OSError as e:  # disk full, permissions: nothing was left behind, but it is not the input's fault
+        return _fail(f"{e.filename or args.output}: {e.strerror or e}", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written", 130)
+
+    if args.report:
+        report.write_json(args.report)
+    if args.plot:
+        report.plot(args.plot)
+    if not args.quiet:
+        print(report.summary())
+    return 0

@@ -1,0 +1,145 @@
+"""The merge's per-layer figures: what the spec's "report" section lists, as JSON and a plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .reference import Ratio
+
+
+@dataclass
+class LayerStats:
+    name: str
+    shape: list[int]
+    numel: int
+    kind: str                    # "merge" | "average" (excluded) | "copy" (non-float)
+    rows: int = 1                # ratios in this layer (granularity "row": one per row)
+    norms: list[float] = field(default_factory=list)      # ||d_i|| over the whole tensor
+    cos_pairs: list[float] = field(default_factory=list)  # cos_ij, i < j (mean over rows)
+    cos: float | None = None     # mean cos after the clamp (mean over rows)
+    angle_deg: float | None = None
+    t: float | None = None       # the ratio (mean over rows)
+    t_min: float | None = None
+    t_max: float | None = None
+    clamped: bool = False        # the [0, 1] clamp changed t (in any row)
+    rows_clamped: int = 0
+
+    @classmethod
+    def from_ratio(cls, name: str, shape, r: Ratio) -> "LayerStats":
+        norms = r.norms.pow(2).sum(0).sqrt()
+        cos = float(r.cos.mean())
+        n_clamped = int(r.clamped.sum())
+        return cls(
+            name=name, shape=list(shape), numel=math.prod(shape), kind="merge", rows=int(r.t.numel()),
+            norms=[float(x) for x in norms], cos_pairs=[float(x) for x in r.cos_pairs.mean(0)],
+            cos=cos, angle_deg=math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
+            t=float(r.t.mean()), t_min=float(r.t.min()), t_max=float(r.t.max()),
+            clamped=n_clamped > 0, rows_clamped=n_clamped,
+        )
+
+
+@dataclass
+class MergeReport:
+    """Per-layer figures of one merge, plus what was merged and how long it took."""
+
+    n: int = 0
+    granularity: str = "tensor"
+    clamp: bool = True
+    eps: float = 1e-8
+    inputs: list[str] = field(default_factory=list)
+    output: list[str] = field(default_factory=list)
+    layers: list[LayerStats] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    # --- summaries -------------------------------------------------------------------------
+    def merged_layers(self) -> list[LayerStats]:
+        return [layer for layer in self.layers if layer.kind == "merge"]
+
+    @property
+    def parameters(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def clamped_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.clamped]
+
+    @property
+    def mean_angle_deg(self) -> float | None:
+        """Mean angle between the fine-tuned deltas, weighted by each layer's size."""
+        merged = self.merged_layers()
+        total = sum(m.numel for m in merged)
+        return sum(m.angle_deg * m.numel for m in merged) / total if total else None
+
+    def summary(self) -> str:
+        kinds = {k: sum(1 for layer in self.layers if layer.kind == k) for k in ("merge", "average", "copy")}
+        angle = self.mean_angle_deg
+        moved = self.bytes_read + self.bytes_written
+        parts = [
+            f"Merged {self.n} fine-tuned checkpoints into {', '.join(self.output) or 'memory'}: "
+            f"{len(self.layers)} tensors ({self.parameters:,} values); "
+            f"{kinds['merge']} merged ({self.granularity} granularity), {kinds['average']} excluded "
+            f"(plain average), {kinds['copy']} non-float copied from the base.",
+            f"Mean angle between fine-tuned updates {angle:.2f} deg." if angle is not None else "",
+            f"The [0, 1] clamp acted on {len(self.clamped_layers)} layer(s)"
+            + (f": {', '.join(self.clamped_layers[:5])}{' ...' if len(self.clamped_layers) > 5 else ''}."
+               if self.clamped_layers else "."),
+            f"{self.seconds:.2f} s, {moved / 1e9:.2f} GB read and written"
+            + (f" ({moved / 1e9 / self.seconds:.2f} GB/s)." if self.seconds > 0 else "."),
+        ]
+        return " ".join(p for p in parts if p)
+
+    # --- files -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(method="model_stock", parameters=self.parameters, mean_angle_deg=self.mean_angle_deg,
+                 clamped_layers=self.clamped_layers)
+        return d
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        os.replace(tmp, path)
+
+    @classmethod
+    def read_json(cls, path: str | os.PathLike) -> "MergeReport":
+        d = json.loads(Path(path).read_text())
+        layers = [LayerStats(**layer) for layer in d.pop("layers")]
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**fields, layers=layers)
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Angle and ratio per merged layer, in state-dict order, as the paper's layer-wise
+        figures; layers where the clamp acted are marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        merged = self.merged_layers()
+        x = range(len(merged))
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(merged) / 25), 6), sharex=True)
+        ax1.plot(x, [m.angle_deg for m in merged], ".", ms=3)
+        ax1.set_ylabel("angle between updates (deg)")
+        ax1.axhline(90, color="0.7", lw=0.8)
+        ax2.plot(x, [m.t for m in merged], ".", ms=3, color="C1", label="t")
+        clamped = [i for i, m in enumerate(merged) if m.clamped]
+        if clamped:
+            ax2.plot(clamped, [merged[i].t for i in clamped], "x", color="C3", label="clamped")
+        ax2.set_ylabel("ratio t")
+        ax2.set_xlabel("layer (state-dict order)")
+        ax2.legend(loc="upper right", fontsize="small")
+        fig.suptitle(f"Model Stock, N = {self.n}, {self.granularity} granularity: "
+                     f"mean angle {self.mean_angle_deg or float('nan'):.1f} deg")
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, path)

@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="modelstock-dynopool",
+    version="0.1.0",
+    description="Model Stock checkpoint merging and DynOPool, with Triton kernels and PyTorch references",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "modelstock", "modelstock.*", "dynopool", "dynopool.*"]),
+    install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm"],
+    extras_require={
+        "triton": ["triton"],
+        "clip": ["open_clip_torch"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "open_clip_torch", "matplotlib", "triton"],
+    },
+    entry_points={"console_scripts": ["modelstock = modelstock.cli:main"]},
+)
