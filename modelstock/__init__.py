@@ -7,31 +7,15 @@ fine-tuned updates.
     report = modelstock.merge_files("base.safetensors", ["ft1.safetensors", "ft2.safetensors"],
                                     "merged.safetensors")         # streamed, file to file
 
-Importing this package imports torch and nothing heavier (no open_clip, matplotlib or triton).
+Importing this package imports torch and nothing heavier (open_clip, matplotlib and triton are
+imported only by the functions that need them).
 """
-from importlib import import_module
+from .checkpoint import CheckpointWriter, open_checkpoint
+from .files import merge_files
+from .merge import merge  # the function shadows its module's name on the package, on purpose
+from .plan import InputError
+from .report import LayerStats, MergeReport
 
 __version__ = "0.1.0"
-
-_EXPORTS = {
-    "merge": ".merge",
-    "merge_files": ".files",
-    "MergeReport": ".report",
-    "LayerStats": ".report",
-    "InputError": ".plan",
-    "open_checkpoint": ".checkpoint",
-    "CheckpointWriter": ".checkpoint",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'modelstock' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = ["merge", "merge_files", "MergeReport", "LayerStats", "InputError", "open_checkpoint",
+           "CheckpointWriter"]

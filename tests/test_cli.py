@@ -1,0 +1,170 @@
+"""The `modelstock merge` command: results, and every bad input refused with exit code 2, one
+line naming the file and tensor, no output file, inputs untouched."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import modelstock
+from modelstock.cli import main
+
+from .test_merge import make_models
+
+
+@pytest.fixture
+def ckpts(tmp_path):
+    base, fts = make_models(2)
+    paths = []
+    for name, sd in [("base", base), ("ft1", fts[0]), ("ft2", fts[1])]:
+        save_file(sd, tmp_path / f"{name}.safetensors")
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+    return tmp_path, paths, base, fts
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_merge_writes_output_report_plot_and_summary(ckpts, capsys):
+    tmp, paths, base, fts = ckpts
+    rc = main(["merge", *paths, "-o", str(tmp / "out.safetensors"), "--report", str(tmp / "r.json"),
+               "--plot", str(tmp / "p.png"), "--granularity", "row", "--exclude", "proj.*"])
+    assert rc == 0
+    out = load_file(tmp / "out.safetensors")
+    want = modelstock.merge(base, fts, granularity="row", exclude=["proj.*"])
+    assert all(torch.equal(out[k], want[k]) for k in want)
+    report = json.loads((tmp / "r.json").read_text())
+    assert report["granularity"] == "row" and len(report["layers"]) == len(base)
+    assert (tmp / "p.png").stat().st_size > 1000
+    summary = capsys.readouterr().out
+    assert "Merged 2 fine-tuned checkpoints" in summary and "GB/s" in summary
+
+
+def test_dtype_no_clamp_and_quiet(ckpts, capsys):
+    tmp, paths, base, fts = ckpts
+    assert main(["merge", *paths, "-o", str(tmp / "o.safetensors"), "--dtype", "bf16", "--no-clamp", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    out = load_file(tmp / "o.safetensors")
+    want = modelstock.merge(base, fts, clamp=False, out_dtype=torch.bfloat16)
+    assert all(out[k].dtype == torch.bfloat16 and torch.equal(out[k], want[k]) for k in want)
+
+
+def _corrupt(tmp, paths, base, fts, case):
+    """Make one bad input; return (argv, text the error line must contain)."""
+    out = str(tmp / "out.safetensors")
+    ft2 = paths[2]
+    if case == "missing_tensor":
+        save_file({k: v for k, v in fts[1].items() if k != "embed"}, ft2)
+        return [paths[0], paths[1], ft2, "-o", out], [ft2, "embed", "missing"]
+    if case == "extra_tensor":
+        save_file(dict(fts[1], surplus=torch.zeros(3)), ft2)
+        return [paths[0], paths[1], ft2, "-o", out], [ft2, "surplus"]
+    if case == "shape_mismatch":
+        save_file(dict(fts[1], embed=torch.zeros(513, 9)), ft2)
+        return [paths[0], paths[1], ft2, "-o", out], [ft2, "embed", "shape"]
+    if case in ("nan", "inf"):
+        bad = dict(fts[1])
+        bad["conv.weight"] = bad["conv.weight"].clone()
+        bad["conv.weight"][0, 0, 0, 0] = float(case)
+        save_file(bad, ft2)
+        return [paths[0], paths[1], ft2, "-o", out], [ft2, "conv.weight", "NaN or inf"]
+    if case == "truncated":
+        raw = open(ft2, "rb").read()
+        open(ft2, "wb").write(raw[: len(raw) // 2])
+        return [paths[0], paths[1], ft2, "-o", out], [ft2, "truncated"]
+    if case == "corrupt":
+        raw = bytearray(open(ft2, "rb").read())
+        raw[8:40] = os.urandom(32)
+        open(ft2, "wb").write(bytes(raw))
+        return [paths[0], paths[1], ft2, "-o", out], [ft2]
+    if case == "not_a_checkpoint":
+        notes = tmp / "notes.txt"
+        notes.write_text("these are my notes\n" * 10)
+        return [paths[0], paths[1], str(notes), "-o", out], [str(notes), "not a safetensors"]
+    if case == "missing_file":
+        return [paths[0], paths[1], str(tmp / "nope.safetensors"), "-o", out], ["nope.safetensors", "no such file"]
+    if case == "one_finetuned":
+        return [paths[0], paths[1], "-o", out], ["needs at least two fine-tuned checkpoints"]
+    if case == "output_is_input":
+        return [paths[0], paths[1], ft2, "-o", paths[1], "--force"], [paths[1], "overwrite an input"]
+    if case == "output_exists":
+        (tmp / "out.safetensors").write_bytes(b"precious")
+        return [paths[0], paths[1], ft2, "-o", out], [out, "exists", "--force"]
+    raise AssertionError(case)
+
+
+BAD_INPUTS = ["missing_tensor", "extra_tensor", "shape_mismatch", "nan", "inf", "truncated", "corrupt",
+              "not_a_checkpoint", "missing_file", "one_finetuned", "output_is_input", "output_exists"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exit_2_one_line_nothing_written(ckpts, capsys, case):
+    tmp, paths, base, fts = ckpts
+    argv, must_say = _corrupt(tmp, paths, base, fts, case)
+    before = digest(tmp)
+    rc = main(["merge", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelstock: error: "), err
+    for text in must_say:
+        assert text in lines[0], (text, lines[0])
+    assert digest(tmp) == before  # inputs untouched, no output, no temporary file
+
+
+def test_module_entry_point_reports_without_traceback(ckpts):
+    tmp, paths, _, _ = ckpts
+    bad = [paths[0], paths[1], str(tmp / "nope.safetensors")]
+    proc = subprocess.run([sys.executable, "-m", "modelstock", "merge", *bad, "-o", str(tmp / "o.safetensors")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "modelstock", "merge", *paths, "-o", str(tmp / "o.safetensors")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and (tmp / "o.safetensors").exists(), proc.stderr
+
+
+def test_report_and_plot_are_not_overwritten_without_force(ckpts, capsys):
+    tmp, paths, _, _ = ckpts
+    (tmp / "r.json").write_text("{}")
+    assert main(["merge", *paths, "-o", str(tmp / "o.safetensors"), "--report", str(tmp / "r.json")]) == 2
+    assert "r.json" in capsys.readouterr().err and not (tmp / "o.safetensors").exists()
+
+
+def test_open_clip_vit_b_32_merged_by_cli_loads_strict_and_runs(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    base = model.state_dict()
+    g = torch.Generator().manual_seed(1)
+    shared = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    paths = [tmp_path / "base.safetensors", tmp_path / "ft1.pt", tmp_path / "ft2.safetensors"]
+    save_file({k: v.contiguous() for k, v in base.items()}, paths[0])
+    fts = []
+    for i in range(2):
+        fts.append({k: v + 1e-3 * (shared[k] + torch.randn(v.shape, generator=g)) for k, v in base.items()})
+    # ft1 as open_clip's training script saves it (DDP prefix, epoch, optimizer), ft2 plain.
+    torch.save({"epoch": 10, "name": "ft1", "state_dict": {"module." + k: v for k, v in fts[0].items()}}, paths[1])
+    save_file({k: v.contiguous() for k, v in fts[1].items()}, paths[2])
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", *map(str, paths), "-o", str(out), "--quiet"]) == 0
+
+    merged_model = open_clip.create_model("ViT-B-32", pretrained=None)
+    merged_model.load_state_dict(load_file(out), strict=True)
+    merged_model.eval()
+    image = torch.rand(2, 3, 224, 224)
+    text = open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat", "a photo of a dog"])
+    with torch.no_grad():
+        img, txt, scale = merged_model(image, text)
+    assert img.shape == (2, 512) and txt.shape == (2, 512) and torch.isfinite(img).all() and torch.isfinite(txt).all()
+    # The merged weights lie between the base and the fine-tuned average (t in [0, 1]).
+    sd = merged_model.state_dict()
+    k = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    avg = (fts[0][k] + fts[1][k]) / 2
+    t = ((sd[k] - base[k]) * (avg - base[k])).sum() / ((avg - base[k]) ** 2).sum()
+    assert 0.3 < float(t) < 1.0  # shared direction: cos ~ 0.5, t = 2 cos / (1 + cos) ~ 0.67
