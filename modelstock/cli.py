@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--report", metavar="FILE.json", help="write the per-layer figures as JSON")
     m.add_argument("--plot", metavar="FILE.png", help="draw the per-layer angle and ratio")
     m.add_argument("--force", action="store_true", help="replace existing output files")
+    m.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place "
+                   "(survives a power cut, not only a failing process)")
     m.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     return p
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoints[0], args.checkpoints[1:], args.output,
             granularity=args.granularity, clamp=not args.no_clamp, exclude=args.exclude,
             out_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
-            shard_size=args.shard_size, force=args.force, progress=not args.quiet and sys.stderr.isatty())
+            shard_size=args.shard_size, force=args.force, durable=args.fsync, progress=not args.quiet and sys.stderr.isatty())
     except InputError as e:
         return _fail(str(e))
     except ValueError as e:  # a bad option value (shard size, granularity)

@@ -1,9 +1,14 @@
 """``modelstock.merge_files``: a file-to-file merge that streams layer by layer.
 
-Memory stays bounded whatever the checkpoint's size: each layer's N + 1 inputs are read into a
-region of one reused buffer (a ring), merged there, written out and released. A reader thread
-fills the next layers' regions while the main thread merges and writes, so disk reads overlap
-the arithmetic and the writes.
+Three threads, one layer after another:
+  reader  maps the layer's N + 1 input tensors (safetensors: memory-mapped, pre-faulted; inputs
+          not in the compute dtype are converted into a buffer) and takes a region of one reused
+          buffer (a ring) for the result;
+  main    computes the ratio and writes the merged layer into that region;
+  writer  appends it to the output file, then releases the region and the mappings.
+Memory stays bounded whatever the checkpoint's size: the ring holds the largest layer plus a
+little read-ahead, and the bytes mapped at once are capped the same way. Nothing is copied
+from the page cache before the arithmetic reads it.
 """
 from __future__ import annotations
 
@@ -19,14 +24,41 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointWriter, SafetensorsFile, ShardedSafetensors, nbytes, open_checkpoint, output_paths
-from .merge import cast_output, check_copy, merge_layer_, resolve_backend
+from .checkpoint import CheckpointWriter, nbytes, open_checkpoint, output_paths
+from .merge import cast_output, check_copy, merge_layer, resolve_backend
 from .plan import InputError, Layer, plan_layers
 from .reference import EPS
 from .report import MergeReport
 
-# Ring capacity beyond the largest layer: lets small layers be read ahead of the arithmetic.
-_READ_AHEAD_BYTES = 256 << 20
+# Ring capacity and mapped bytes beyond the largest layer's: lets small layers be read ahead
+# of the arithmetic. More only adds memory to touch (page faults cost as much as the copy).
+_READ_AHEAD_BYTES = 32 << 20
+
+
+class _Budget:
+    """Bytes in flight, acquired in layer order and released in the same order. One request
+    larger than the cap is granted when nothing else is in flight."""
+
+    def __init__(self, cap: int):
+        self.cap, self.used, self.closed = cap, 0, False
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        with self._cv:
+            while self.used and self.used + n > self.cap and not self.closed:
+                self._cv.wait()
+            self.used += n
+            return not self.closed
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._cv.notify_all()
 
 
 class _Ring:
@@ -110,6 +142,7 @@ def merge_files(
     compute_dtype: torch.dtype = torch.float32,
     shard_size: int | str | None = None,
     force: bool = False,
+    durable: bool = False,
     progress: bool = False,
 ) -> MergeReport:
     """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
@@ -117,7 +150,8 @@ def merge_files(
     Inputs may be safetensors files, sharded safetensors (index or folder) or torch files; the
     options are :func:`modelstock.merge`'s. ``shard_size`` (bytes, or "2GB") splits a
     safetensors output into shards with an index. The output keeps the base's metadata and
-    records the merge's. Nothing is written unless the whole merge succeeds.
+    records the merge's. Nothing is written unless the whole merge succeeds (files are renamed into
+place at the end); ``durable`` also fsyncs them, so they survive a power cut.
     """
     start = time.perf_counter()
     if isinstance(finetuned, (str, os.PathLike)):
@@ -131,14 +165,14 @@ def merge_files(
             inputs.append(open_checkpoint(path))
         return _merge_open(inputs, Path(out), start, granularity=granularity, clamp=clamp, exclude=exclude,
                            eps=eps, out_dtype=out_dtype, compute_dtype=compute_dtype,
-                           shard_size=_parse_size(shard_size), force=force, progress=progress)
+                           shard_size=_parse_size(shard_size), force=force, durable=durable, progress=progress)
     finally:
         for ck in inputs:
             ck.close()
 
 
 def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude, eps, out_dtype,
-                compute_dtype, shard_size, force, progress) -> MergeReport:
+                compute_dtype, shard_size, force, durable, progress) -> MergeReport:
     sources = [ck.path for ck in inputs]
     layers = plan_layers([ck.tensors() for ck in inputs], sources, granularity=granularity, exclude=exclude)
     entries = [(layer.name, layer.dtypes[0] if layer.kind == "copy" else (out_dtype or layer.dtypes[0]),
@@ -154,10 +188,12 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
         "finetuned": [os.path.basename(s) for s in sources[1:]]})
 
     floats = [layer for layer in layers if layer.kind != "copy"]
-    itemsize = compute_dtype.itemsize
-    largest = max((len(inputs) * layer.numel for layer in floats), default=0)
-    total = sum(len(inputs) * layer.numel for layer in floats)
-    ring = _Ring(min(total, largest + _READ_AHEAD_BYTES // itemsize), compute_dtype)
+    buffer_elems = {layer.name: _buffer_elems(layer, dtype, compute_dtype)
+                    for layer, (_, dtype, _) in zip(layers, entries) if layer.kind != "copy"}
+    ring = _Ring(min(sum(buffer_elems.values()),
+                     max(buffer_elems.values(), default=0) + _READ_AHEAD_BYTES // compute_dtype.itemsize),
+                 compute_dtype)
+    mapped = _Budget(max((_mapped_bytes(layer) for layer in floats), default=0) + _READ_AHEAD_BYTES)
     report.bytes_read = sum(nbytes(d, layer.shape) for layer in layers for d in layer.dtypes)
     report.bytes_written = sum(nbytes(d, s) for _, d, s in entries)
 
@@ -168,33 +204,38 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
         bar = tqdm(total=report.bytes_read, unit="B", unit_scale=True, desc="merging", leave=False)
 
     ready: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=_read_layers, args=(inputs, layers, ring, compute_dtype, ready), daemon=True)
+    reader = threading.Thread(target=_read_layers, daemon=True,
+                              args=(inputs, layers, buffer_elems, ring, mapped, compute_dtype, ready))
     reader.start()
     try:
-        with CheckpointWriter(out, entries, metadata, shard_size) as writer:
-            with _Writer(writer, ring) as write:
+        with CheckpointWriter(out, entries, metadata, shard_size, durable) as writer:
+            with _Writer(writer) as write:
                 for layer, (_, dtype, _) in zip(layers, entries):
                     item = ready.get()
                     if isinstance(item, BaseException):
                         raise item
                     if layer.kind == "copy":
                         stats = check_copy(layer, item, sources)
-                        write(layer.name, item[0], in_ring=False)
+                        write(layer.name, item[0])
                     else:
-                        stack = item.view(len(inputs), -1)
-                        merged, stats = merge_layer_(layer, stack, sources, eps=eps, clamp=clamp)
+                        (w0, *ws), region = item
+                        out_buf = region[: layer.numel]
+                        merged, stats = merge_layer(layer, w0, ws, out_buf, sources, eps=eps, clamp=clamp)
                         spare = None
-                        if dtype != merged.dtype:  # cast into a row the result does not occupy
-                            row = stack[1] if merged.data_ptr() == stack[0].data_ptr() else stack[0]
-                            spare = row.view(torch.uint8)[: nbytes(dtype, layer.shape)].view(dtype)
+                        if dtype != merged.dtype:  # the region's tail is reserved for the cast
+                            spare = region[-_cast_elems(layer, dtype, compute_dtype):]
+                            spare = spare.view(torch.uint8)[: nbytes(dtype, layer.shape)].view(dtype)
                         merged = cast_output(merged, dtype, stats, out=spare)
-                        write(layer.name, merged.view(layer.shape), in_ring=True)
+                        # The inputs' mappings are released with the region, once written.
+                        write(layer.name, merged.view(layer.shape), release=_releaser(ring, mapped, layer))
+                        del w0, ws, item
                     report.layers.append(stats)
                     if bar is not None:
                         bar.update(sum(nbytes(d, layer.shape) for d in layer.dtypes))
             report.output = [str(p) for p in writer.commit()]
     finally:
         ring.close()
+        mapped.close()
         reader.join()
         if bar is not None:
             bar.close()
@@ -202,33 +243,56 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
     return report
 
 
+def _mapped_bytes(layer: Layer) -> int:
+    return sum(nbytes(d, layer.shape) for d in layer.dtypes)
+
+
+def _cast_elems(layer: Layer, dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
+    return 0 if dtype == compute_dtype else -(-nbytes(dtype, layer.shape) // compute_dtype.itemsize)
+
+
+def _buffer_elems(layer: Layer, dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
+    """Ring elements a layer needs: its result, each input stored in another dtype (converted),
+    and room for the result cast to the output dtype."""
+    converted = sum(d != compute_dtype for d in layer.dtypes)
+    return layer.numel * (1 + converted) + _cast_elems(layer, dtype, compute_dtype)
+
+
+def _releaser(ring: "_Ring", mapped: _Budget, layer: Layer):
+    def release():
+        ring.release()
+        mapped.release(_mapped_bytes(layer))
+    return release
+
+
 class _Writer:
-    """A thread that writes merged layers in order and then frees their ring regions, so that
+    """A thread that writes merged layers in order, then calls each one's ``release``, so that
     writing overlaps the next layer's arithmetic. Used as ``with _Writer(...) as write:``;
     leaving the block waits for every write and raises the writer's error, if any."""
 
-    def __init__(self, writer: CheckpointWriter, ring: _Ring):
-        self._writer, self._ring = writer, ring
+    def __init__(self, writer: CheckpointWriter):
+        self._writer = writer
         self._q: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while (item := self._q.get()) is not None:
-            name, tensor, in_ring = item
+            name, tensor, release = item
             try:
                 if self._error is None:
                     self._writer.write(name, tensor)
             except BaseException as e:
                 self._error = e
             finally:
-                if in_ring:
-                    self._ring.release()
+                del tensor, item
+                if release is not None:
+                    release()
 
-    def __call__(self, name: str, tensor: Tensor, *, in_ring: bool) -> None:
+    def __call__(self, name: str, tensor: Tensor, release=None) -> None:
         if self._error is not None:
             raise self._error
-        self._q.put((name, tensor, in_ring))
+        self._q.put((name, tensor, release))
 
     def __enter__(self):
         self._thread.start()
@@ -241,25 +305,28 @@ class _Writer:
             raise self._error
 
 
-def _read_layers(inputs, layers: list[Layer], ring: _Ring, compute_dtype: torch.dtype, ready: queue.Queue) -> None:
-    """Reader thread: fill each layer's stack (or, for non-float layers, read the tensors) in
-    order and hand it to the main thread; an error is handed over in place of the layer."""
-    staging = torch.empty(0, dtype=torch.uint8)
+def _read_layers(inputs, layers: list[Layer], buffer_elems: dict[str, int], ring: "_Ring", mapped: _Budget,
+                 compute_dtype: torch.dtype, ready: queue.Queue) -> None:
+    """Reader thread: for each layer in order, map its inputs (converting those stored in
+    another dtype into the ring) and take its result's region; hand both to the main thread.
+    An error is handed over in place of the layer."""
     try:
         for layer in layers:
             if layer.kind == "copy":
                 ready.put([ck.read(name) for ck, name in zip(inputs, layer.names)])
                 continue
-            stack = ring.alloc(len(inputs) * layer.numel)
-            if stack is None:  # the main thread stopped
+            if not mapped.acquire(_mapped_bytes(layer)):
+                return  # the main thread stopped
+            region = ring.alloc(buffer_elems[layer.name])
+            if region is None:
                 return
-            rows = stack.view(len(inputs), -1)
-            for ck, name, dtype, row in zip(inputs, layer.names, layer.dtypes, rows):
-                if dtype != compute_dtype and isinstance(ck, (SafetensorsFile, ShardedSafetensors)):
-                    need = nbytes(dtype, layer.shape)
-                    if staging.numel() < need:
-                        staging = torch.empty(need, dtype=torch.uint8)
-                ck.read_into(name, row, staging)
-            ready.put(stack)
+            rows, spare = [], region[layer.numel:]
+            for ck, name in zip(inputs, layer.names):
+                w = ck.view(name)
+                if w.dtype != compute_dtype:
+                    w, spare = spare[: layer.numel].copy_(w), spare[layer.numel:]
+                rows.append(w)
+            ready.put((rows, region))
+            del rows, w, spare, region
     except BaseException as e:  # handed to the main thread, which raises it
         ready.put(e)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .plan import InputError, Layer, plan_layers
-from .reference import EPS, average_, layer_ratio, merge_
+from .reference import EPS, layer_ratio, merge_into
 from .report import LayerStats, MergeReport
 
 BACKENDS = ("auto", "torch", "triton")
@@ -25,24 +25,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def merge_layer_(layer: Layer, stack: Tensor, sources: Sequence[str], *, eps: float = EPS,
-                 clamp: bool = True) -> tuple[Tensor, LayerStats]:
-    """Merge (or, for an excluded layer, average) one layer from its filled ``(N + 1, numel)``
-    stack, base in row 0. Consumes the stack; returns the flat result and the layer's figures.
+def merge_layer(layer: Layer, w0: Tensor, ws: Sequence[Tensor], out: Tensor, sources: Sequence[str], *,
+                eps: float = EPS, clamp: bool = True) -> tuple[Tensor, LayerStats]:
+    """Merge (or, for an excluded layer, average) one layer into ``out``, all tensors flat and
+    of the compute dtype (``out`` may be ``w0``). Returns ``out`` and the layer's figures.
     Raises InputError naming the input at fault when any input holds NaN or inf."""
     if layer.kind == "average":
-        for row, source, name in zip(stack[1:], sources[1:], layer.names[1:]):
-            _require_finite(row, source, name)
-        return average_(stack), LayerStats(layer.name, list(layer.shape), layer.numel, "average")
-    r = layer_ratio(stack, layer.rows, eps=eps, clamp=clamp)
+        for w, source, name in zip(ws, sources[1:], layer.names[1:]):
+            _require_finite(w, source, name)
+        return merge_into(out, None, ws), LayerStats(layer.name, list(layer.shape), layer.numel, "average")
+    r = layer_ratio(w0, ws, layer.rows, eps=eps, clamp=clamp)
     if not torch.isfinite(r.norms).all():
         # A non-finite input makes some ||w_i - w0|| non-finite; name the first such input.
-        for row, source, name in zip(stack, sources, layer.names):
-            _require_finite(row, source, name)
+        for w, source, name in zip([w0, *ws], sources, layer.names):
+            _require_finite(w, source, name)
     if not torch.isfinite(r.t).all():
         raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
                          "formula divides by zero (merge with clamp on)", None, layer.name)
-    return merge_(stack, r.t), LayerStats.from_ratio(layer.name, layer.shape, r)
+    return merge_into(out, w0, ws, r.t), LayerStats.from_ratio(layer.name, layer.shape, r)
 
 
 def cast_output(merged: Tensor, dtype: torch.dtype, stats: LayerStats, out: Tensor | None = None) -> Tensor:
@@ -128,14 +128,10 @@ def merge(
             stats = check_copy(layer, tensors, sources)
             out[layer.name] = tensors[0].clone()
         else:
-            stack = torch.empty(len(tensors), layer.numel, dtype=compute_dtype, device=device)
-            for row, t in zip(stack, tensors):
-                row.copy_(t.reshape(-1))
-            merged, stats = merge_layer_(layer, stack, sources, eps=eps, clamp=clamp)
-            result = cast_output(merged, out_dtype or tensors[0].dtype, stats)
-            if result.data_ptr() == merged.data_ptr():
-                result = result.clone()  # a view would keep the whole (N + 1)-row stack alive
-            out[layer.name] = result.view(layer.shape)
+            flat = [t.reshape(-1).to(device=device, dtype=compute_dtype) for t in tensors]
+            merged, stats = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), sources,
+                                        eps=eps, clamp=clamp)
+            out[layer.name] = cast_output(merged, out_dtype or tensors[0].dtype, stats).view(layer.shape)
         if report is not None:
             report.layers.append(stats)
     return out

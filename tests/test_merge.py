@@ -7,7 +7,7 @@ from torch import nn
 
 import modelstock
 from modelstock import InputError, MergeReport
-from modelstock.reference import gram
+from modelstock.reference import gram, merge_into
 
 from .helpers import assert_within, finetuned_like, merge_tolerance, spec_merge_fp64
 
@@ -227,7 +227,7 @@ def test_report_figures_match_definitions():
 def test_gram_accumulates_like_fp64(rows, k):
     # Large-magnitude, same-sign products are where a sequential fp32 sum drifts.
     w = 1 + torch.rand(3, rows * k)
-    got = gram(w, rows)
+    got = gram(w[0], [w[1], w[2]], rows)
     w64 = w.double().view(3, rows, k)
     d = (w64[1:] - w64[:1]).transpose(0, 1)
     ref = torch.bmm(d, d.transpose(1, 2))
@@ -244,3 +244,17 @@ def test_bad_options():
         modelstock.merge(base, fts, backend="cuda")
     with pytest.raises(NotImplementedError, match="Triton"):
         modelstock.merge(base, fts, backend="triton")
+
+
+@pytest.mark.parametrize("rows,k", [(1, 1), (1, 300_007), (5, 70_001), (700, 3)])
+@pytest.mark.parametrize("alias", ["none", "base", "first"])
+def test_merge_into_tiles_cover_every_element(rows, k, alias):
+    # Sizes around the tile size: every element written once, rows get their own t, in place ok.
+    w0, w1, w2, w3 = torch.randn(4, rows * k)
+    t = torch.rand(rows, dtype=torch.float64)
+    want = w0.double().view(rows, k) + t[:, None] * ((w1 + w2 + w3).double().view(rows, k) / 3 - w0.double().view(rows, k))
+    out = {"none": torch.full_like(w0, float("nan")), "base": w0.clone(), "first": w1.clone()}[alias]
+    args = {"base": (out, [w1, w2, w3]), "first": (w0, [out, w2, w3])}.get(alias, (w0, [w1, w2, w3]))
+    tol = merge_tolerance(want.view(-1), w0, [w1, w2, w3], torch.float32)
+    merge_into(out, args[0], args[1], t)
+    assert_within(out, want.view(-1), tol, "merge_into")

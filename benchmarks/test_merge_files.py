@@ -1,0 +1,111 @@
+"""File-to-file merge of open_clip-shaped checkpoints, as whole processes (what a user waits
+for), against the script a user would write by hand and, when installed in its own virtualenv,
+mergekit's ``mergekit-pytorch`` with ``merge_method: model_stock``.
+
+    make bench                                   # ViT-B-32 cases
+    MERGEKIT_BIN=/path/to/venv/bin/mergekit-pytorch make bench   # with the peer
+    MODELSTOCK_BENCH_LARGE=1 make bench          # also ViT-H-14 (writes 3 x 3.9 GB once)
+
+Each round runs the baselines (untimed by pytest-benchmark, timed here) and then ours, so all
+see the same page cache and machine load; medians and ratios go to ``extra_info`` and to one
+JSON record under ``benchmarks/results/``.
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import RESULTS, machine_record
+
+ROUNDS = int(os.environ.get("MODELSTOCK_BENCH_ROUNDS", "3"))
+PLAIN = Path(__file__).with_name("plain_merge.py")
+MERGEKIT = os.environ.get("MERGEKIT_BIN") or shutil.which("mergekit-pytorch")
+
+
+def run_process(argv, env=None) -> tuple[float, int]:
+    """Wall time and peak resident memory (bytes) of one child process."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{argv[:3]} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def mergekit_argv(paths, out_dir: Path):
+    config = out_dir / "mergekit.yml"
+    config.write_text(
+        "merge_method: model_stock\n"
+        f"base_model: {paths[0]}\n"
+        "models:\n" + "".join(f"  - model: {p}\n" for p in paths[1:]) + "dtype: float32\n")
+    return [MERGEKIT, str(config), str(out_dir / "mergekit-out")]
+
+
+def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
+    out = tmp_path / "merged.safetensors"
+    ours = [sys.executable, "-m", "modelstock", "merge", *map(str, paths), "-o", str(out), "--force", "--quiet"]
+    baselines = {"plain": [sys.executable, str(PLAIN), *map(str, paths), str(tmp_path / "plain.safetensors")]}
+    if MERGEKIT:
+        baselines["mergekit"] = mergekit_argv(paths, tmp_path)
+    times = {k: [] for k in ["modelstock", *baselines]}
+    peaks = {k: 0 for k in times}
+
+    def run_baselines():
+        for key, argv in baselines.items():
+            shutil.rmtree(tmp_path / "mergekit-out", ignore_errors=True)
+            (tmp_path / "plain.safetensors").unlink(missing_ok=True)
+            seconds, peak = run_process(argv)
+            times[key].append(seconds)
+            peaks[key] = max(peaks[key], peak)
+        out.unlink(missing_ok=True)
+
+    def run_ours():
+        seconds, peak = run_process(ours)
+        times["modelstock"].append(seconds)
+        peaks["modelstock"] = max(peaks["modelstock"], peak)
+
+    run_ours()  # warm the page cache and the import caches once, untimed
+    times["modelstock"].clear()
+    benchmark.pedantic(run_ours, setup=run_baselines, rounds=rounds, iterations=1)
+
+    input_bytes = sum(p.stat().st_size for p in paths)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    record = {
+        "suite": "merge_files", "case": name, **machine_record(), "rounds": rounds,
+        "input_bytes": input_bytes, "output_bytes": out.stat().st_size,
+        "seconds": medians, "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()},
+        "ratio_vs": {k: medians["modelstock"] / medians[k] for k in baselines},
+        "gbps_read": {k: input_bytes / medians[k] / 1e9 for k in medians},
+    }
+    benchmark.extra_info.update(record)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"cpu-merge-files-{name}-{record['date']}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    for key, limit in targets.get("ratio", {}).items():
+        if key in medians:
+            assert record["ratio_vs"][key] <= limit, f"{name}: {record['ratio_vs'][key]:.2f}x {key}, target {limit}x"
+    if "peak_rss_mb" in targets:
+        assert record["peak_rss_mb"]["modelstock"] <= targets["peak_rss_mb"], record["peak_rss_mb"]
+
+
+def test_vit_b_32_file_to_file(benchmark, clip_checkpoints, tmp_path):
+    paths = clip_checkpoints("ViT-B-32")
+    file_merge_case(benchmark, paths, tmp_path, "ViT-B-32",
+                    {"ratio": {"plain": 0.6, "mergekit": 0.35}, "peak_rss_mb": 1536})
+
+
+@pytest.mark.skipif(not os.environ.get("MODELSTOCK_BENCH_LARGE"), reason="set MODELSTOCK_BENCH_LARGE=1 (12 GB of files)")
+def test_vit_h_14_file_to_file_memory(benchmark, clip_checkpoints, tmp_path):
+    paths = clip_checkpoints("ViT-H-14")
+    file_merge_case(benchmark, paths, tmp_path, "ViT-H-14", {"peak_rss_mb": 2048}, rounds=1)
