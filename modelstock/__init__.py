@@ -7,15 +7,21 @@ fine-tuned updates.
     report = modelstock.merge_files("base.safetensors", ["ft1.safetensors", "ft2.safetensors"],
                                     "merged.safetensors")         # streamed, file to file
 
-Importing this package imports torch and nothing heavier (open_clip, matplotlib and triton are
-imported only by the functions that need them).
+Importing this package imports numpy only: torch comes with ``merge`` (in-memory) and with
+torch-format files; open_clip, matplotlib and triton only with the functions that need them.
 """
-from .checkpoint import CheckpointWriter, open_checkpoint
 from .files import merge_files
-from .merge import merge  # the function shadows its module's name on the package, on purpose
 from .plan import InputError
 from .report import LayerStats, MergeReport
 
 __version__ = "0.1.0"
-__all__ = ["merge", "merge_files", "MergeReport", "LayerStats", "InputError", "open_checkpoint",
-           "CheckpointWriter"]
+__all__ = ["merge", "merge_files", "MergeReport", "LayerStats", "InputError"]
+
+
+def __getattr__(name):
+    if name == "merge":  # imports torch, so only when asked for
+        from .in_memory import merge
+
+        globals()["merge"] = merge
+        return merge
+    raise AttributeError(f"module 'modelstock' has no attribute {name!r}")

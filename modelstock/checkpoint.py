@@ -1,6 +1,7 @@
 """Checkpoint files: reading tensors one at a time, writing them streamed and atomically.
 
-Knows nothing of the merge. Readers:
+Knows nothing of the merge, and needs no torch unless a file is a torch one: tensors are numpy
+arrays here, dtypes go by name ("bfloat16", travelling as its uint16 bits). Readers:
   - safetensors, one file: our own header parser; each tensor is memory-mapped on its own
     (pre-faulted, read-only) and unmapped as soon as the caller drops it, so resident memory
     holds the tensors in use, never the whole file, and nothing is copied;
@@ -18,21 +19,17 @@ import mmap
 import os
 import struct
 import uuid
-import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from .plan import InputError
+from .plan import NUMPY_DTYPES, InputError, nbytes
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool,
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
 }
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # the safetensors format's own limit
@@ -41,13 +38,25 @@ INDEX_SUFFIX = ".index.json"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    return math.prod(shape) * dtype.itemsize
+def to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as a numpy array sharing its memory (bfloat16 as uint16 bits)."""
+    import torch
+
+    t = t.detach().cpu()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _as_bytes(t: Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (bf16 included: numpy has none)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+def to_torch(a: np.ndarray, dtype: str):
+    """The inverse of ``to_numpy``: a torch tensor sharing the array's memory."""
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _torch_dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 class SafetensorsFile:
@@ -85,15 +94,17 @@ class SafetensorsFile:
             raise InputError("not a safetensors file (header is not a JSON object)", self.path)
         self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
         self._data_start = 8 + hlen
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         end_max = 0
         for name, e in header.items():
             try:
-                dtype = SAFETENSORS_DTYPES[e["dtype"]]
                 shape = tuple(int(s) for s in e["shape"])
                 start, end = (int(x) for x in e["data_offsets"])
+                dtype = SAFETENSORS_DTYPES.get(e["dtype"])
             except (KeyError, TypeError, ValueError):
                 raise InputError("corrupt header entry", self.path, name) from None
+            if dtype is None:
+                raise InputError(f"dtype {e['dtype']} is not supported", self.path, name)
             if end - start != nbytes(dtype, shape) or start < 0:
                 raise InputError("corrupt header entry (offsets do not match the shape)", self.path, name)
             self._entries[name] = (dtype, shape, start, end)
@@ -104,15 +115,16 @@ class SafetensorsFile:
         # State-dict order, as far as the file keeps it: the order of the data.
         self._entries = dict(sorted(self._entries.items(), key=lambda kv: kv[1][2]))
 
-    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {n: (e[0], e[1]) for n, e in self._entries.items()}
 
-    def view(self, name: str) -> Tensor:
+    def view(self, name: str) -> np.ndarray:
         """The tensor's data, flat and read-only, memory-mapped from the file. The mapping is
-        undone when the returned tensor (and every view of it) is freed."""
+        undone when the returned array (and every view of it) is freed."""
         dtype, _, start, end = self._entries[name]
+        np_dtype = NUMPY_DTYPES[dtype]
         if start == end:
-            return torch.empty(0, dtype=dtype)
+            return np.empty(0, dtype=np_dtype)
         first = self._data_start + start
         aligned = first // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
         try:
@@ -122,13 +134,11 @@ class SafetensorsFile:
                                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=aligned)
         except (OSError, ValueError) as e:
             raise InputError(f"cannot be mapped ({e}); truncated while open?", self.path, name) from None
-        with warnings.catch_warnings():  # read-only by design: the merge never writes its inputs
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return torch.frombuffer(mapped, dtype=dtype, offset=first - aligned, count=(end - start) // dtype.itemsize)
+        return np.frombuffer(mapped, dtype=np_dtype, offset=first - aligned, count=(end - start) // np.dtype(np_dtype).itemsize)
 
-    def read(self, name: str) -> Tensor:
+    def read(self, name: str) -> np.ndarray:
         """The tensor, in memory (a copy)."""
-        return self.view(name).clone().view(self._entries[name][1])
+        return self.view(name).reshape(self._entries[name][1]).copy()
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -197,6 +207,8 @@ class TorchFile:
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise InputError("no such file", self.path)
+        import torch
+
         try:
             try:
                 obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
@@ -214,13 +226,13 @@ class TorchFile:
         self.metadata: dict[str, str] = {}
 
     def tensors(self):
-        return {n: (t.dtype, tuple(t.shape)) for n, t in self._sd.items()}
+        return {n: (_torch_dtype_name(t), tuple(t.shape)) for n, t in self._sd.items()}
 
     def view(self, name):
-        return self._sd[name].reshape(-1)
+        return to_numpy(self._sd[name].reshape(-1))
 
     def read(self, name):
-        return self._sd[name]
+        return to_numpy(self._sd[name]).copy()
 
     def close(self):
         self._sd = {}
@@ -229,9 +241,11 @@ class TorchFile:
         return [self.path]
 
 
-def unwrap_state_dict(obj, source: str) -> dict[str, Tensor]:
+def unwrap_state_dict(obj, source: str) -> dict:
     """The state dict inside what training scripts save: open_clip's ``{"epoch", "name",
     "state_dict", "optimizer"}`` and the common ``{"model": ...}`` wrapper."""
+    from torch import Tensor
+
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             inner = obj.get(key)
@@ -243,6 +257,9 @@ def unwrap_state_dict(obj, source: str) -> dict[str, Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise InputError(f"not a state dict: '{bad[0]}' is a {type(obj[bad[0]]).__name__}, not a tensor", source)
+    unsupported = [k for k, v in obj.items() if _torch_dtype_name(v) not in NUMPY_DTYPES]
+    if unsupported:
+        raise InputError(f"dtype {_torch_dtype_name(obj[unsupported[0]])} is not supported", source, unsupported[0])
     return dict(obj)
 
 
@@ -295,7 +312,7 @@ class _AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def _header_bytes(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
+def _header_bytes(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
@@ -325,7 +342,7 @@ class CheckpointWriter:
     fsyncs each file before its rename.
     """
 
-    def __init__(self, out: str | os.PathLike, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    def __init__(self, out: str | os.PathLike, entries: Sequence[tuple[str, str, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None, shard_size: int | None = None,
                  durable: bool = False):
         self.out = Path(out)
@@ -333,7 +350,7 @@ class CheckpointWriter:
         self._metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._entries = list(entries)
         self._files: list[_AtomicFile] = []
-        self._pt: dict[str, Tensor] | None = None
+        self._pt: dict | None = None
         self._index: Path | None = None
         self._where: list[int] = []
         self._next = 0
@@ -374,16 +391,19 @@ class CheckpointWriter:
             used += size
         return groups
 
-    def write(self, name: str, tensor: Tensor) -> None:
+    def write(self, name: str, array) -> None:
+        """Append the next tensor: a numpy array (bfloat16 as uint16 bits) or a torch tensor."""
+        if not isinstance(array, np.ndarray):
+            array = to_numpy(array)
         i = self._next
         ename, dtype, shape = self._entries[i]
-        if name != ename or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise RuntimeError(f"writer expected {ename} {dtype} {list(shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
+        if name != ename or array.dtype != NUMPY_DTYPES[dtype] or tuple(array.shape) != tuple(shape):
+            raise RuntimeError(f"writer expected {ename} {dtype} {list(shape)}, got {name} {array.dtype} {list(array.shape)}")
         self._next += 1
         if self._pt is not None:
-            self._pt[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            self._pt[name] = to_torch(array.copy(), dtype)
             return
-        buf = _as_bytes(tensor.detach().cpu().contiguous())
+        buf = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         f = self._files[self._where[i]]
         for pos in range(0, len(buf), _MAX_IO):
             f.write(buf[pos: pos + _MAX_IO])
@@ -395,6 +415,8 @@ class CheckpointWriter:
             f = _AtomicFile(self.out, self._durable)
             self._files = [f]
             try:
+                import torch
+
                 torch.save(self._pt, f.f)
             except BaseException:
                 self.abort()
@@ -432,7 +454,7 @@ class CheckpointWriter:
             self.abort()
 
 
-def output_paths(out: str | os.PathLike, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+def output_paths(out: str | os.PathLike, entries: Iterable[tuple[str, str, tuple[int, ...]]],
                  shard_size: int | None) -> list[Path]:
     """Every path a CheckpointWriter with these arguments would create (to check before work)."""
     out = Path(out)

@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra and os.path.abspath(extra) in {os.path.abspath(c) for c in args.checkpoints + [args.output]}:
             return _fail(f"{extra}: is also a checkpoint path")
 
-    import torch  # after argument errors, which should not wait for it
-
-    from .files import merge_files
+    from .files import merge_files  # numpy only: torch is imported just for torch-format files
     from .plan import InputError
 
     if args.device == "cuda":
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         report = merge_files(
             args.checkpoints[0], args.checkpoints[1:], args.output,
             granularity=args.granularity, clamp=not args.no_clamp, exclude=args.exclude,
-            out_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+            out_dtype=DTYPES[args.dtype] if args.dtype else None,
             shard_size=args.shard_size, force=args.force, durable=args.fsync, progress=not args.quiet and sys.stderr.isatty())
     except InputError as e:
         return _fail(str(e))

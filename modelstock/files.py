@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from .checkpoint import CheckpointWriter, nbytes, open_checkpoint, output_paths
-from .merge import cast_output, check_copy, merge_layer, resolve_backend
-from .plan import InputError, Layer, plan_layers
-from .reference import EPS
+from . import stream_math
+from .checkpoint import CheckpointWriter, open_checkpoint, output_paths
+from .layer import cast_output, check_copy, merge_layer
+from .plan import FLOATS, NUMPY_DTYPES, InputError, Layer, nbytes, plan_layers
+from .ratio import EPS
 from .report import MergeReport
 
 # Ring capacity and mapped bytes beyond the largest layer's: lets small layers be read ahead
@@ -64,8 +64,8 @@ class _Budget:
 class _Ring:
     """Regions of one flat buffer, handed out and released in FIFO order (the layer order)."""
 
-    def __init__(self, numel: int, dtype: torch.dtype):
-        self.buf = torch.empty(numel, dtype=dtype)
+    def __init__(self, numel: int, dtype: str):
+        self.buf = np.empty(numel, dtype=NUMPY_DTYPES[dtype])
         self.cap = numel
         self._live: collections.deque[tuple[int, int]] = collections.deque()
         self._head = 0
@@ -82,7 +82,7 @@ class _Ring:
             return 0 if tail >= n else None
         return self._head if tail - self._head >= n else None
 
-    def alloc(self, n: int) -> Tensor | None:
+    def alloc(self, n: int) -> np.ndarray | None:
         with self._cv:
             while (start := self._fit(n)) is None and not self.closed:
                 self._cv.wait()
@@ -138,8 +138,8 @@ def merge_files(
     exclude: Sequence[str] = (),
     eps: float = EPS,
     backend: str = "auto",
-    out_dtype: torch.dtype | None = None,
-    compute_dtype: torch.dtype = torch.float32,
+    out_dtype=None,
+    compute_dtype="float32",
     shard_size: int | str | None = None,
     force: bool = False,
     durable: bool = False,
@@ -148,7 +148,9 @@ def merge_files(
     """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
 
     Inputs may be safetensors files, sharded safetensors (index or folder) or torch files; the
-    options are :func:`modelstock.merge`'s. ``shard_size`` (bytes, or "2GB") splits a
+    options are :func:`modelstock.merge`'s (dtypes as torch dtypes or names, "bfloat16").
+    The arithmetic runs on numpy (``modelstock/stream_math.py``): torch is imported only for
+    torch-format files. ``shard_size`` (bytes, or "2GB") splits a
     safetensors output into shards with an index. The output keeps the base's metadata and
     records the merge's. Nothing is written unless the whole merge succeeds (files are renamed into
 place at the end); ``durable`` also fsyncs them, so they survive a power cut.
@@ -158,7 +160,14 @@ place at the end); ``durable`` also fsyncs them, so they survive a power cut.
         raise TypeError("finetuned must be a sequence of paths")
     if len(finetuned) < 2:
         raise InputError(f"needs at least two fine-tuned checkpoints, got {len(finetuned)}")
-    resolve_backend(backend, torch.device("cpu"))
+    if backend not in ("auto", "torch"):
+        raise NotImplementedError(f"backend={backend!r}: the Triton merge kernels are not part of this release yet")
+    out_dtype = None if out_dtype is None else _dtype_name(out_dtype)
+    compute_dtype = _dtype_name(compute_dtype)
+    if out_dtype is not None and out_dtype not in FLOATS:
+        raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
+    if compute_dtype not in ("float32", "float64"):
+        raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
     inputs = []
     try:
         for path in [base, *finetuned]:
@@ -169,6 +178,11 @@ place at the end); ``durable`` also fsyncs them, so they survive a power cut.
     finally:
         for ck in inputs:
             ck.close()
+
+
+def _dtype_name(dtype) -> str:
+    """"float32" for torch.float32 or "float32" (this module takes either, imports no torch)."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude, eps, out_dtype,
@@ -190,8 +204,8 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
     floats = [layer for layer in layers if layer.kind != "copy"]
     buffer_elems = {layer.name: _buffer_elems(layer, dtype, compute_dtype)
                     for layer, (_, dtype, _) in zip(layers, entries) if layer.kind != "copy"}
-    ring = _Ring(min(sum(buffer_elems.values()),
-                     max(buffer_elems.values(), default=0) + _READ_AHEAD_BYTES // compute_dtype.itemsize),
+    itemsize = np.dtype(NUMPY_DTYPES[compute_dtype]).itemsize
+    ring = _Ring(min(sum(buffer_elems.values()), max(buffer_elems.values(), default=0) + _READ_AHEAD_BYTES // itemsize),
                  compute_dtype)
     mapped = _Budget(max((_mapped_bytes(layer) for layer in floats), default=0) + _READ_AHEAD_BYTES)
     report.bytes_read = sum(nbytes(d, layer.shape) for layer in layers for d in layer.dtypes)
@@ -215,19 +229,19 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
                     if isinstance(item, BaseException):
                         raise item
                     if layer.kind == "copy":
-                        stats = check_copy(layer, item, sources)
+                        stats = check_copy(layer, item, sources, stream_math)
                         write(layer.name, item[0])
                     else:
                         (w0, *ws), region = item
                         out_buf = region[: layer.numel]
-                        merged, stats = merge_layer(layer, w0, ws, out_buf, sources, eps=eps, clamp=clamp)
+                        merged, stats = merge_layer(layer, w0, ws, out_buf, sources, stream_math, eps=eps, clamp=clamp)
                         spare = None
-                        if dtype != merged.dtype:  # the region's tail is reserved for the cast
-                            spare = region[-_cast_elems(layer, dtype, compute_dtype):]
-                            spare = spare.view(torch.uint8)[: nbytes(dtype, layer.shape)].view(dtype)
-                        merged = cast_output(merged, dtype, stats, out=spare)
+                        if dtype != compute_dtype:  # the region's tail is reserved for the cast
+                            spare = region[region.size - _cast_elems(layer, dtype, compute_dtype):]
+                            spare = spare.view(np.uint8)[: nbytes(dtype, layer.shape)].view(NUMPY_DTYPES[dtype])
+                        merged = cast_output(merged, dtype, stats, stream_math, out=spare)
                         # The inputs' mappings are released with the region, once written.
-                        write(layer.name, merged.view(layer.shape), release=_releaser(ring, mapped, layer))
+                        write(layer.name, merged.reshape(layer.shape), release=_releaser(ring, mapped, layer))
                         del w0, ws, item
                     report.layers.append(stats)
                     if bar is not None:
@@ -247,11 +261,11 @@ def _mapped_bytes(layer: Layer) -> int:
     return sum(nbytes(d, layer.shape) for d in layer.dtypes)
 
 
-def _cast_elems(layer: Layer, dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
-    return 0 if dtype == compute_dtype else -(-nbytes(dtype, layer.shape) // compute_dtype.itemsize)
+def _cast_elems(layer: Layer, dtype: str, compute_dtype: str) -> int:
+    return 0 if dtype == compute_dtype else -(-nbytes(dtype, layer.shape) // nbytes(compute_dtype, (1,)))
 
 
-def _buffer_elems(layer: Layer, dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
+def _buffer_elems(layer: Layer, dtype: str, compute_dtype: str) -> int:
     """Ring elements a layer needs: its result, each input stored in another dtype (converted),
     and room for the result cast to the output dtype."""
     converted = sum(d != compute_dtype for d in layer.dtypes)
@@ -289,7 +303,7 @@ class _Writer:
                 if release is not None:
                     release()
 
-    def __call__(self, name: str, tensor: Tensor, release=None) -> None:
+    def __call__(self, name: str, tensor: np.ndarray, release=None) -> None:
         if self._error is not None:
             raise self._error
         self._q.put((name, tensor, release))
@@ -306,7 +320,7 @@ class _Writer:
 
 
 def _read_layers(inputs, layers: list[Layer], buffer_elems: dict[str, int], ring: "_Ring", mapped: _Budget,
-                 compute_dtype: torch.dtype, ready: queue.Queue) -> None:
+                 compute_dtype: str, ready: queue.Queue) -> None:
     """Reader thread: for each layer in order, map its inputs (converting those stored in
     another dtype into the ring) and take its result's region; hand both to the main thread.
     An error is handed over in place of the layer."""
@@ -321,10 +335,10 @@ def _read_layers(inputs, layers: list[Layer], buffer_elems: dict[str, int], ring
             if region is None:
                 return
             rows, spare = [], region[layer.numel:]
-            for ck, name in zip(inputs, layer.names):
+            for ck, name, dtype in zip(inputs, layer.names, layer.dtypes):
                 w = ck.view(name)
-                if w.dtype != compute_dtype:
-                    w, spare = spare[: layer.numel].copy_(w), spare[layer.numel:]
+                if dtype != compute_dtype:
+                    w, spare = stream_math.to_float(w, dtype, spare[: layer.numel]), spare[layer.numel:]
                 rows.append(w)
             ready.put((rows, region))
             del rows, w, spare, region

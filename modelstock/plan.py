@@ -10,9 +10,20 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import torch
+import numpy as np
 
-from .reference import layer_rows
+from .ratio import layer_rows
+
+# dtypes by name ("float32", as str(torch.float32) without "torch."), the same for every backend.
+FLOATS = ("float64", "float32", "float16", "bfloat16")
+INTEGERS = ("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool")
+# The numpy dtype holding each (numpy has no bfloat16: it travels as its uint16 bits).
+NUMPY_DTYPES = {
+    "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
+    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
+    "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "bool": np.bool_,
+}
+ITEMSIZE = {name: np.dtype(d).itemsize for name, d in NUMPY_DTYPES.items()}
 
 # Wrappers that training code puts in front of every name: DistributedDataParallel's
 # `module.` and torch.compile's `_orig_mod.`. open_clip's own checkpoints carry `module.`.
@@ -33,13 +44,17 @@ class Layer:
     name: str                        # the output's name: the base's
     names: tuple[str, ...]           # the name in each input, base first
     shape: tuple[int, ...]
-    dtypes: tuple[torch.dtype, ...]  # the storage dtype in each input, base first
+    dtypes: tuple[str, ...]          # the storage dtype's name in each input, base first
     kind: str                        # "merge" | "average" (excluded) | "copy" (non-float)
     rows: int                        # ratios in this layer (1 unless granularity "row")
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def nbytes(dtype: str, shape: Sequence[int]) -> int:
+    return math.prod(shape) * ITEMSIZE[dtype]
 
 
 def canonical_name(name: str) -> str:
@@ -63,7 +78,7 @@ def _canonical_map(meta: Mapping[str, tuple], source: str) -> dict[str, str]:
 
 
 def plan_layers(
-    metas: Sequence[Mapping[str, tuple[torch.dtype, Sequence[int]]]],
+    metas: Sequence[Mapping[str, tuple[str, Sequence[int]]]],
     sources: Sequence[str],
     *,
     granularity: str = "tensor",
@@ -71,7 +86,8 @@ def plan_layers(
 ) -> list[Layer]:
     """Match the inputs' tensors to the base's (in the base's order) and decide each one's fate.
 
-    ``metas[0]`` is the base, the rest the fine-tuned models; each maps name -> (dtype, shape).
+    ``metas[0]`` is the base, the rest the fine-tuned models; each maps name -> (dtype name,
+    shape).
     Raises InputError naming the input and tensor for a missing or extra tensor, a shape
     mismatch, or a floating tensor stored as an integer elsewhere.
     """
@@ -92,12 +108,14 @@ def plan_layers(
         entries = [meta[n] for meta, n in zip(metas, names)]
         shape = tuple(int(s) for s in entries[0][1])
         dtypes = tuple(e[0] for e in entries)
-        for (dtype, s), n, source in zip(entries[1:], names[1:], sources[1:]):
+        for (dtype, s), n, source in zip(entries, names, sources):
+            if dtype not in ITEMSIZE:
+                raise InputError(f"dtype {dtype} is not supported", source, n)
             if tuple(int(x) for x in s) != shape:
                 raise InputError(f"shape {list(s)} differs from the base's {list(shape)}", source, n)
-            if dtype.is_floating_point != dtypes[0].is_floating_point:
+            if (dtype in FLOATS) != (dtypes[0] in FLOATS):
                 raise InputError(f"dtype {dtype} where the base has {dtypes[0]}", source, n)
-        if not dtypes[0].is_floating_point:
+        if dtypes[0] not in FLOATS:
             kind = "copy"
         elif any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(key, p) for p in exclude):
             kind = "average"

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .reference import Ratio
+from .ratio import Ratio
 
 
 @dataclass
@@ -30,11 +30,11 @@ class LayerStats:
 
     @classmethod
     def from_ratio(cls, name: str, shape, r: Ratio) -> "LayerStats":
-        norms = r.norms.pow(2).sum(0).sqrt()
+        norms = (r.norms ** 2).sum(0) ** 0.5  # numpy or torch alike
         cos = float(r.cos.mean())
         n_clamped = int(r.clamped.sum())
         return cls(
-            name=name, shape=list(shape), numel=math.prod(shape), kind="merge", rows=int(r.t.numel()),
+            name=name, shape=list(shape), numel=math.prod(shape), kind="merge", rows=len(r.t),
             norms=[float(x) for x in norms], cos_pairs=[float(x) for x in r.cos_pairs.mean(0)],
             cos=cos, angle_deg=math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
             t=float(r.t.mean()), t_min=float(r.t.min()), t_max=float(r.t.max()),

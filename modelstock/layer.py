@@ -1,0 +1,57 @@
+"""One layer's merge with its checks, for either math backend: ``modelstock.reference``
+(torch tensors) or ``modelstock.stream_math`` (numpy arrays), passed as ``ops``."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .plan import InputError, Layer
+from .ratio import EPS, ratio
+from .report import LayerStats
+
+
+def merge_layer(layer: Layer, w0, ws: Sequence, out, sources: Sequence[str], ops, *,
+                eps: float = EPS, clamp: bool = True):
+    """Merge (or, for an excluded layer, average) one layer into ``out``: flat arrays of the
+    compute dtype, ``out`` possibly ``w0``. Returns ``out`` and the layer's figures. Raises
+    InputError naming the input at fault when any input holds NaN or inf."""
+    if len(ws) < 2:
+        raise InputError(f"needs at least two fine-tuned checkpoints, got {len(ws)}")
+    if layer.kind == "average":
+        for w, source, name in zip(ws, sources[1:], layer.names[1:]):
+            _require_finite(ops, w, source, name)
+        return ops.merge_into(out, None, ws), LayerStats(layer.name, list(layer.shape), layer.numel, "average")
+    r = ratio(ops.gram(w0, ws, layer.rows), eps=eps, clamp=clamp)
+    if not ops.all_finite(r.norms):
+        # A non-finite input makes some ||w_i - w0|| non-finite; name the first such input.
+        for w, source, name in zip([w0, *ws], sources, layer.names):
+            _require_finite(ops, w, source, name)
+    if not ops.all_finite(r.t):
+        raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
+                         "formula divides by zero (merge with clamp on)", None, layer.name)
+    return ops.merge_into(out, w0, ws, r.t), LayerStats.from_ratio(layer.name, layer.shape, r)
+
+
+def cast_output(merged, dtype: str, stats: LayerStats, ops, out=None):
+    """The merged layer in its output dtype (into ``out`` when given). Only an extrapolating
+    ratio (clamp off, t outside [0, 1]) can leave the inputs' range, so only then is the result
+    checked for overflow."""
+    result = ops.cast(merged, dtype, out)
+    extrapolates = stats.t_min is not None and (stats.t_min < 0 or stats.t_max > 1)
+    if extrapolates and not ops.all_finite(ops.widen(result, dtype)):
+        raise InputError(f"the extrapolated result (t = {stats.t_min:.3g}..{stats.t_max:.3g}) overflows {dtype}",
+                         None, stats.name)
+    return result
+
+
+def check_copy(layer: Layer, arrays: Sequence, sources: Sequence[str], ops) -> LayerStats:
+    """Non-float tensors (int buffers, step counters) are kept from the base if all agree."""
+    for a, name, source in zip(arrays[1:], layer.names[1:], sources[1:]):
+        if not ops.equal(arrays[0], a):
+            raise InputError("non-float tensor differs from the base's (Model Stock only merges "
+                             "floating-point tensors)", source, name)
+    return LayerStats(layer.name, list(layer.shape), layer.numel, "copy")
+
+
+def _require_finite(ops, w, source: str, name: str) -> None:
+    if not ops.all_finite(w):
+        raise InputError("holds NaN or inf", source, name)

@@ -1,0 +1,47 @@
+"""The numpy math of the streamed file merge against the torch reference it mirrors."""
+import numpy as np
+import pytest
+import torch
+
+from modelstock import reference, stream_math
+from modelstock.checkpoint import to_numpy, to_torch
+
+
+@pytest.mark.parametrize("rows,k", [(1, 1), (1, 257), (1, 300_007), (5, 70_001), (700, 3), (3, 512)])
+def test_gram_matches_reference(rows, k):
+    w = 1 + torch.rand(4, rows * k)
+    got = stream_math.gram(w[0].numpy(), [x.numpy() for x in w[1:]], rows)
+    want = reference.gram(w[0], list(w[1:]), rows).numpy()
+    # Both sum exact fp32 deltas' products in runs of 256 and the runs in fp64; only the order
+    # inside a run differs (numpy's and torch's matmul): a few fp32 ulps of each run's sum.
+    scale = np.einsum("rik,rjk->rij", *(2 * [np.abs((w[1:] - w[0]).view(4 - 1, rows, k).numpy().transpose(1, 0, 2)).astype(np.float64)]))
+    assert np.all(np.abs(got - want) <= 8 * np.finfo(np.float32).eps * scale)
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 300_007, 2), (6, 70_001, 3), (700, 3, 4), (1, 1, 2)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_merge_into_is_bitwise_the_reference(rows, k, n, with_base):
+    w = torch.randn(n + 1, rows * k)
+    t = torch.rand(rows, dtype=torch.float64)
+    want = reference.merge_into(torch.empty(rows * k), w[0] if with_base else None, list(w[1:]), t if with_base else None)
+    got = stream_math.merge_into(np.empty(rows * k, np.float32), w[0].numpy() if with_base else None,
+                                 [x.numpy() for x in w[1:]], t.numpy() if with_base else None)
+    assert np.array_equal(got, want.numpy())
+
+
+def test_bfloat16_round_trip_matches_torch():
+    x = torch.cat([torch.randn(100_000) * 10.0 ** torch.randint(-30, 30, (100_000,)),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 1e-40,
+                                 # exact ties between two bf16 values: rounded to even
+                                 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8)])])
+    bits = stream_math.cast(x.numpy(), "bfloat16")
+    assert bits.dtype == np.uint16
+    assert torch.equal(to_torch(bits, "bfloat16"), x.to(torch.bfloat16))
+    back = stream_math.to_float(bits, "bfloat16", np.empty(bits.shape, np.float32))
+    assert torch.equal(torch.from_numpy(back), x.to(torch.bfloat16).float())
+    assert np.array_equal(to_numpy(x.to(torch.bfloat16)), bits)
+
+
+def test_float16_cast_matches_torch():
+    x = torch.randn(10_000) * 100
+    assert torch.equal(torch.from_numpy(stream_math.cast(x.numpy(), "float16")), x.half())
