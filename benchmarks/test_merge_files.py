@@ -7,8 +7,8 @@ mergekit's ``mergekit-pytorch`` with ``merge_method: model_stock``.
     MODELSTOCK_BENCH_LARGE=1 make bench          # also ViT-H-14 (writes 3 x 3.9 GB once)
 
 Each round runs the baselines (untimed by pytest-benchmark, timed here) and then ours, so all
-see the same page cache and machine load; medians and ratios go to ``extra_info`` and to one
-JSON record under ``benchmarks/results/``.
+see the same page cache (inputs cached, no dirty pages) and machine load; medians and ratios
+go to ``extra_info`` and to one JSON record under ``benchmarks/results/``.
 """
 import json
 import os
@@ -62,13 +62,17 @@ def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
     peaks = {k: 0 for k in times}
 
     def run_baselines():
+        # Dirty pages left by the previous run are flushed before each run, untimed, so that
+        # no run pays for another's writeback.
         for key, argv in baselines.items():
             shutil.rmtree(tmp_path / "mergekit-out", ignore_errors=True)
             (tmp_path / "plain.safetensors").unlink(missing_ok=True)
+            os.sync()
             seconds, peak = run_process(argv)
             times[key].append(seconds)
             peaks[key] = max(peaks[key], peak)
         out.unlink(missing_ok=True)
+        os.sync()
 
     def run_ours():
         seconds, peak = run_process(ours)

@@ -52,7 +52,7 @@ def write_synthetic(
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(names or ["base"] + [f"ft{i + 1}" for i in range(n)])
     paths = [out_dir / f"{name}.safetensors" for name in names]
-    entries = [(k, dtype, s) for k, s in shapes.items()]
+    entries = [(k, str(dtype).removeprefix("torch."), s) for k, s in shapes.items()]
     g = torch.Generator().manual_seed(seed)
     writers = [CheckpointWriter(p, entries, {"format": "pt", "synthetic": "modelstock.synthetic"}) for p in paths]
     try:
