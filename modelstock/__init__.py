@@ -15,13 +15,14 @@ from .plan import InputError
 from .report import LayerStats, MergeReport
 
 __version__ = "0.1.0"
-__all__ = ["merge", "merge_files", "MergeReport", "LayerStats", "InputError"]
+__all__ = ["merge", "merge_", "InPlaceMerge", "merge_files", "MergeReport", "LayerStats", "InputError"]
 
 
 def __getattr__(name):
-    if name == "merge":  # imports torch, so only when asked for
-        from .in_memory import merge
+    if name in ("merge", "merge_", "InPlaceMerge"):  # import torch, so only when asked for
+        from . import in_memory
 
-        globals()["merge"] = merge
-        return merge
+        value = getattr(in_memory, name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'modelstock' has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """``modelstock.merge``: Model Stock over state dicts (or modules) in memory, on torch."""
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import torch
@@ -8,22 +9,36 @@ from torch import Tensor, nn
 
 from . import reference
 from .layer import cast_output, check_copy, merge_layer
-from .plan import InputError, plan_layers
+from .plan import InputError, canonical_name, plan_layers
 from .ratio import EPS
 from .report import MergeReport
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device | None = None) -> str:
-    """The one place where the fast path and the reference path are chosen."""
+def resolve_backend(backend: str, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> str:
+    """The one place where the fast path and the reference path are chosen: "auto" sends CUDA
+    tensors to the Triton kernels (fp32 arithmetic) and everything else to the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton': the Triton merge kernels are not part of this release yet; "
-            "use backend='torch' (or 'auto')")
-    return "torch"
+    if backend == "torch":
+        return "torch"
+    triton_ok = device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and compute_dtype == torch.float32 and _has_triton() else "torch"
+    if not triton_ok:
+        raise ValueError("backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
+    if compute_dtype != torch.float32:
+        raise ValueError("backend='triton' computes in fp32; use backend='torch' for compute_dtype=torch.float64")
+    return "triton"
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -75,23 +90,116 @@ def merge(
     layers = plan_layers([{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds],
                          sources, granularity=granularity, exclude=exclude)
     device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
-    resolve_backend(backend, device)
+    fast = resolve_backend(backend, device, compute_dtype) == "triton"
     if report is not None:
         report.n, report.granularity, report.clamp, report.eps = len(finetuned), granularity, clamp, eps
         report.inputs = sources
 
     out: dict[str, Tensor] = {}
+    all_stats: dict[str, object] = {}
+    kernel_layers = []
     for layer in layers:
         tensors = [sd[name] for sd, name in zip(sds, layer.names)]
         if layer.kind == "copy":
-            stats = check_copy(layer, tensors, sources, reference)
+            all_stats[layer.name] = check_copy(layer, tensors, sources, reference)
             out[layer.name] = tensors[0].clone()
+        elif fast and layer.kind == "merge":
+            out[layer.name] = torch.empty(layer.shape, dtype=out_dtype or tensors[0].dtype, device=device)
+            kernel_layers.append((layer, tensors))
         else:
             flat = [t.reshape(-1).to(device=device, dtype=compute_dtype) for t in tensors]
             merged, stats = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), sources, reference,
                                         eps=eps, clamp=clamp)
             dtype = dtype_name(out_dtype or tensors[0].dtype)
             out[layer.name] = cast_output(merged, dtype, stats, reference).view(layer.shape)
-        if report is not None:
-            report.layers.append(stats)
+            all_stats[layer.name] = stats
+    if kernel_layers:
+        from . import triton_merge
+
+        prepared = triton_merge.Prepared([la for la, _ in kernel_layers],
+                                         [[t.to(device) for t in ts] for _, ts in kernel_layers],
+                                         [out[la.name] for la, _ in kernel_layers])
+        ks = triton_merge.run(prepared, sources, eps=eps, clamp=clamp, stats=report is not None)
+        all_stats.update((la.name, st) for (la, _), st in zip(kernel_layers, ks))
+    if report is not None:
+        report.layers.extend(all_stats[layer.name] for layer in layers)
     return out
+
+
+class InPlaceMerge:
+    """Model Stock in place, planned once and run as often as needed: each call writes the
+    merged weights into every model of ``targets`` (often the fine-tuned models themselves,
+    as in the paper's merging during training).
+
+        merge = modelstock.InPlaceMerge([m1, m2], base_state, [m1, m2])
+        ...
+        merge()          # e.g. every k optimizer steps
+
+    Options as :func:`merge`. On CUDA the Triton kernels write straight into ``targets[0]``'s
+    tensors, then the other targets are copied from it: no host round trip, no allocation
+    beyond the ratio's few scalars, one host synchronisation (the NaN / inf check). The tensors
+    are bound at construction: build a new one if the models' parameters are re-allocated.
+    """
+
+    def __init__(self, targets, base, finetuned, *, granularity: str = "tensor", clamp: bool = True,
+                 exclude: Sequence[str] = (), eps: float = EPS, backend: str = "auto"):
+        if isinstance(targets, (Mapping, nn.Module)) or isinstance(finetuned, (Mapping, nn.Module)):
+            raise TypeError("targets and finetuned must be sequences of state dicts or modules")
+        self.sources = ["base"] + [f"finetuned[{i}]" for i in range(len(finetuned))]
+        self.granularity, self.clamp, self.eps = granularity, clamp, eps
+        sds = [_state_dict(m, s) for m, s in zip([base, *finetuned], self.sources)]
+        self.layers = plan_layers([{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds],
+                                  self.sources, granularity=granularity, exclude=exclude)
+        dest = [{canonical_name(k): v for k, v in _state_dict(m, f"targets[{i}]").items()}
+                for i, m in enumerate(targets)]
+        device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
+        fast = resolve_backend(backend, device) == "triton"
+        self._copy, self._torch, kernel = [], [], []
+        for layer in self.layers:
+            key = canonical_name(layer.name)
+            for i, d in enumerate(dest):
+                if key not in d or tuple(d[key].shape) != layer.shape:
+                    raise InputError("missing or of another shape than the base's", f"targets[{i}]", layer.name)
+            entry = (layer, [sd[name] for sd, name in zip(sds, layer.names)], dest[0][key])
+            if layer.kind == "copy":
+                self._copy.append(entry)
+            elif fast and layer.kind == "merge" and entry[2].is_contiguous() and entry[2].is_floating_point():
+                kernel.append(entry)
+            else:
+                self._torch.append(entry)
+        self._kernel = None
+        if kernel:
+            from . import triton_merge
+
+            self._kernel = triton_merge.Prepared([e[0] for e in kernel], [e[1] for e in kernel], [e[2] for e in kernel])
+        names = [canonical_name(layer.name) for layer in self.layers]
+        self._mirrors = [([d[k] for k in names], [dest[0][k] for k in names]) for d in dest[1:]]
+
+    def __call__(self, report: MergeReport | None = None) -> None:
+        stats: dict[str, object] = {}
+        for layer, tensors, out in self._copy:
+            stats[layer.name] = check_copy(layer, tensors, self.sources, reference)
+            out.copy_(tensors[0])
+        for layer, tensors, out in self._torch:
+            flat = [t.reshape(-1).to(device=out.device, dtype=torch.float32) for t in tensors]
+            merged, stats[layer.name] = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), self.sources,
+                                                    reference, eps=self.eps, clamp=self.clamp)
+            out.copy_(cast_output(merged, dtype_name(out.dtype), stats[layer.name], reference).view(layer.shape))
+        if self._kernel is not None:
+            from . import triton_merge
+
+            ks = triton_merge.run(self._kernel, self.sources, eps=self.eps, clamp=self.clamp, stats=report is not None)
+            stats.update((layer.name, st) for layer, st in zip(self._kernel.layers, ks))
+        for dst, src in self._mirrors:
+            torch._foreach_copy_(dst, src)
+        if report is not None:
+            report.n, report.granularity, report.clamp, report.eps = (len(self.sources) - 1, self.granularity,
+                                                                       self.clamp, self.eps)
+            report.inputs = self.sources
+            report.layers.extend(stats[layer.name] for layer in self.layers)
+
+
+def merge_(targets, base, finetuned, *, report: MergeReport | None = None, **options) -> None:
+    """Model Stock in place, once: ``InPlaceMerge(targets, base, finetuned, **options)(report)``.
+    Repeated merges of the same models should keep one :class:`InPlaceMerge` instead."""
+    InPlaceMerge(targets, base, finetuned, **options)(report)

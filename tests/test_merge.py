@@ -242,8 +242,18 @@ def test_bad_options():
         modelstock.merge(base, fts, granularity="column")
     with pytest.raises(ValueError, match="backend"):
         modelstock.merge(base, fts, backend="cuda")
-    with pytest.raises(NotImplementedError, match="Triton"):
+    with pytest.raises(ValueError, match="fp32"):
+        modelstock.merge(base, fts, backend="triton", compute_dtype=torch.float64)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    base, fts = make_models(2)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
         modelstock.merge(base, fts, backend="triton")
+    # "auto" never picks the kernels for CPU tensors
+    from modelstock.in_memory import resolve_backend
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
 @pytest.mark.parametrize("rows,k", [(1, 1), (1, 300_007), (5, 70_001), (700, 3)])

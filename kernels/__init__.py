@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. Imports nothing from the packages above it."""

@@ -1,0 +1,107 @@
+"""The merge on the Triton kernels (``kernels/merge.py``): all merged layers of a state dict in
+one Gram launch and one merge launch per (storage dtype, output dtype) group.
+
+The tables the kernels read (addresses, tiles) depend only on where the tensors live, so they
+are cached: merging the same models again (``merge_`` every k steps of training) reuses them
+and allocates nothing but the ratio's few scalars.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from kernels import merge as kmerge
+
+from .plan import InputError, Layer
+from .ratio import Ratio, ratio
+from .report import LayerStats
+
+_PLANS: OrderedDict = OrderedDict()
+_MAX_PLANS = 4
+
+
+class _Group:
+    """One launch's worth of layers: the same storage dtype and output dtype."""
+
+    def __init__(self, layers: list[int], tensors: list[list[Tensor]], outs: list[Tensor], rows: list[int]):
+        device = outs[0].device
+        n = len(tensors[0]) - 1
+        self.layers, self.n = layers, n
+        self.dtype, self.out_dtype = tensors[0][0].dtype, outs[0].dtype
+        self.ptrs = torch.tensor([[t.data_ptr() for t in ts] for ts in tensors], dtype=torch.int64, device=device)
+        self.out_ptrs = torch.tensor([o.data_ptr() for o in outs], dtype=torch.int64, device=device)
+        block = kmerge.block_size(kmerge._npad(n))
+        self.tiles, self.tile_seg, self.seg_tiles = kmerge.tile_table([o.numel() for o in outs], rows, block, device)
+        first = [0]
+        for r in rows:
+            first.append(first[-1] + r)
+        self.segments = list(zip(first[:-1], first[1:]))  # each layer's segment range
+        self.partials = None
+
+
+def _plan(tensors: list[list[Tensor]], outs: list[Tensor], rows: list[int]) -> list[_Group]:
+    key = tuple((o.data_ptr(), o.dtype, r, *((t.data_ptr(), t.dtype, t.numel()) for t in ts))
+                for ts, o, r in zip(tensors, outs, rows))
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
+    by_dtype: dict[tuple, list[int]] = {}
+    for i, (ts, o) in enumerate(zip(tensors, outs)):
+        by_dtype.setdefault((ts[0].dtype, o.dtype), []).append(i)
+    groups = [_Group(idx, [tensors[i] for i in idx], [outs[i] for i in idx], [rows[i] for i in idx])
+              for idx in by_dtype.values()]
+    _PLANS[key] = groups
+    if len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return groups
+
+
+class Prepared:
+    """Layers ready for the kernels: their inputs in launchable form and the launch tables."""
+
+    def __init__(self, layers: Sequence[Layer], tensors: Sequence[Sequence[Tensor]], outs: Sequence[Tensor]):
+        # The kernels read one storage dtype per launch and flat memory: mixed or strided
+        # inputs are converted (copies, kept here while the tables point at them).
+        self.layers, self.outs = list(layers), list(outs)
+        self.tensors = []
+        for ts in tensors:
+            if any(t.dtype != ts[0].dtype for t in ts):
+                ts = [t.float() for t in ts]
+            self.tensors.append([t if t.is_contiguous() else t.contiguous() for t in ts])
+        self.groups = _plan(self.tensors, self.outs, [layer.rows for layer in layers]) if layers else []
+
+
+def run(p: Prepared, sources: Sequence[str], *, eps: float, clamp: bool, stats: bool = True) -> list[LayerStats | None]:
+    """Merge the prepared layers into their outputs; each layer's figures (None if not ``stats``).
+    One host synchronisation per group, for the NaN / inf check."""
+    result: list[LayerStats | None] = [None] * len(p.layers)
+    for g in p.groups:
+        gram = kmerge.gram(g.ptrs, g.tiles, g.seg_tiles, g.n, g.dtype, g.partials)
+        r = ratio(gram, eps=eps, clamp=clamp)
+        finite = torch.isfinite(r.norms).all(1) & torch.isfinite(r.t)
+        if not bool(finite.all()):
+            _raise_non_finite(g, finite, r, p.layers, p.tensors, sources)
+        kmerge.merge(g.ptrs, g.out_ptrs, g.tiles, g.tile_seg, r.t.to(torch.float32), g.n, g.dtype, g.out_dtype)
+        if stats or not clamp:
+            host = Ratio(*(x.cpu() for x in (r.norms, r.cos_pairs, r.cos, r.t, r.clamped)))
+            for i, (s0, s1) in zip(g.layers, g.segments):
+                part = Ratio(*(x[s0:s1] for x in (host.norms, host.cos_pairs, host.cos, host.t, host.clamped)))
+                result[i] = LayerStats.from_ratio(p.layers[i].name, p.layers[i].shape, part)
+                extrapolates = result[i].t_min < 0 or result[i].t_max > 1
+                if extrapolates and not bool(torch.isfinite(p.outs[i]).all()):
+                    raise InputError(f"the extrapolated result (t = {result[i].t_min:.3g}..{result[i].t_max:.3g}) "
+                                     f"overflows {p.outs[i].dtype}", None, p.layers[i].name)
+    return result if stats else [None] * len(p.layers)
+
+
+def _raise_non_finite(g: _Group, finite: Tensor, r: Ratio, layers, tensors, sources) -> None:
+    bad_seg = int(torch.nonzero(~finite)[0])
+    i = next(i for i, (s0, s1) in zip(g.layers, g.segments) if s0 <= bad_seg < s1)
+    for t, source, name in zip(tensors[i], sources, layers[i].names):
+        if not bool(torch.isfinite(t).all()):
+            raise InputError("holds NaN or inf", source, name)
+    raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
+                     "formula divides by zero (merge with clamp on)", None, layers[i].name)
