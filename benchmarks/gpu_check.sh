@@ -16,6 +16,6 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFE
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"; } 2>&1 | tee "$OUT/gpu-env.txt"
 status=0
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu-tests.log" || status=1
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu-tests.log" || status=1
 timeout 300 python3 benchmarks/gpu_merge.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" || status=1
 exit $status
