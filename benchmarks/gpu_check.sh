@@ -2,8 +2,10 @@
 # The GPU check, run once on a lent GPU machine (its own torch and triton; nothing installed
 # but the carried wheels in .whl/, e.g. open_clip for the model shapes):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])
-# Runs the test suite with the Triton kernels on CUDA, then the GPU benchmark, and writes the
-# logs and the JSON record under $OUT (default benchmarks/results).
+# 1. a short sweep of the merge kernels' two tuning knobs on ViT-bigG-14 (Triton only);
+# 2. the test suite with the Triton kernels on CUDA;
+# 3. the GPU benchmark (Triton vs loop vs foreach) with the sweep's best setting.
+# Logs and JSON records go under $OUT (default benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -16,6 +18,18 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFE
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"; } 2>&1 | tee "$OUT/gpu-env.txt"
 status=0
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu-tests.log" || status=1
-timeout 300 python3 benchmarks/gpu_merge.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" || status=1
+best="" best_ms=""
+configs=("16384 8" "32768 8" "16384 4" "32768 16")  # elements per program, warps
+for cfg in "${configs[@]}"; do
+    set -- $cfg
+    mkdir -p /tmp/sweep
+    MODELSTOCK_MERGE_ELEMS=$1 MODELSTOCK_MERGE_WARPS=$2 timeout 90 python3 benchmarks/gpu_merge.py \
+        --models ViT-bigG-14 --only triton --out /tmp/sweep --tag "-sweep-$1-$2" > /tmp/sweep/log-$1-$2 2>&1 || continue
+    ms=$(python3 -c "import json,glob; d=json.load(open(glob.glob('/tmp/sweep/*sweep-$1-$2-*.json')[0])); print(sum(c['ms']['triton'] for c in d['cases']))")
+    echo "sweep elems=$1 warps=$2: $ms ms (bigG fp32 + bf16)" | tee -a "$OUT/gpu-sweep.txt"
+    if [ -z "$best_ms" ] || python3 -c "import sys; sys.exit(0 if $ms < $best_ms else 1)"; then best="$1 $2"; best_ms=$ms; fi
+done
+if [ -n "$best" ]; then set -- $best; export MODELSTOCK_MERGE_ELEMS=$1 MODELSTOCK_MERGE_WARPS=$2; echo "best: $best" | tee -a "$OUT/gpu-sweep.txt"; fi
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -30 | tee "$OUT/gpu-tests.log" || status=1
+timeout 200 python3 benchmarks/gpu_merge.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" || status=1
 exit $status

@@ -81,13 +81,13 @@ def copy_gbps(nbytes: int, device) -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def run(models, out_dir: Path) -> dict:
+def run(models, out_dir: Path, dtypes=("float32", "bfloat16"), only=None, tag="") -> dict:
     device = torch.device("cuda")
     cases = []
     for name in models:
         shapes = clip_shapes(name)
         params = sum(math.prod(s) for s in shapes.values())
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (getattr(torch, d) for d in dtypes):
             base, fts = materialise(shapes, 2, dtype, device)
             out = {k: torch.empty_like(v) for k, v in base.items()}
             bytes_min = params * dtype.itemsize * (2 * 3 + 1)
@@ -99,12 +99,14 @@ def run(models, out_dir: Path) -> dict:
             }
             ms = {}
             for key, fn in fns.items():
+                if only and key not in only:
+                    continue
                 fn()
                 torch.cuda.synchronize()
                 ms[key] = do_bench(fn, warmup=100, rep=500, return_mode="median")
                 torch.cuda.empty_cache()
             # the timed kernels' result against the reference formula on the same tensors
-            want = modelstock.merge(base, fts, backend="torch")
+            want = modelstock.merge(base, fts, backend="torch") if not only else out
             err = max(float((out[k].float() - want[k].float()).abs().max()) for k in base)
             case = {"name": name, "dtype": str(dtype).removeprefix("torch."), "params": params, "bytes": bytes_min,
                     "ms": ms, "gbps": {k: bytes_min / v / 1e6 for k, v in ms.items()}, "max_abs_diff_vs_torch": err}
@@ -112,13 +114,16 @@ def run(models, out_dir: Path) -> dict:
             cases.append(case)
             del base, fts, out, want, merger, fns
             torch.cuda.empty_cache()
+    from kernels import merge as kmerge
+
     record = {
         "suite": "merge", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
+        "config": {"elems_per_program": kmerge._ELEMS_PER_PROGRAM, "num_warps": kmerge._NUM_WARPS},
         "copy_gbps": copy_gbps(4 << 30, device), "cases": cases,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gpu-merge-{record['device'].replace(' ', '_')}-{record['date']}.json"
+    path = out_dir / f"gpu-merge{tag}-{record['device'].replace(' ', '_')}-{record['date']}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
     return record
@@ -128,5 +133,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--models", nargs="+", default=["ViT-L-14", "ViT-bigG-14"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--only", nargs="+", help="implementations to time (default: all)")
+    ap.add_argument("--tag", default="", help="file name tag, e.g. -sweep-16384-8")
     args = ap.parse_args()
-    run(args.models, Path(args.out))
+    run(args.models, Path(args.out), args.dtypes, args.only, args.tag)

@@ -1,13 +1,17 @@
 """Triton kernels for Model Stock: the Gram pass and the merge pass over every layer at once.
 
 A state dict is described by tables instead of one launch per tensor:
-  ptrs      int64 (layers, N + 1)  addresses of w0, w1..wN of each layer (one storage dtype)
-  out_ptrs  int64 (layers,)        addresses of each layer's output (one output dtype)
-  tiles     int64 (tiles, 3)       (layer, first element, segment end) for each program
-  tile_seg  int64 (tiles,)         the segment (a layer, or a row of one) each tile belongs to
-  seg_tiles int64 (segments, 2)    the tiles [t0, t1) of each segment, in order
-Tiles never cross a segment, so a layer of 25M elements and a bias of 768 both get full
-programs, and a row-granularity layer gets one segment per row.
+  base, offs      one tensor of the group and int64 (layers, N + 1) element offsets from it to
+                  w0, w1..wN of each layer (one storage dtype per launch)
+  out, out_offs   the same for each layer's output (one output dtype per launch)
+  tiles           int64 (tiles, 3): (layer, first element, segment end) for each program
+  tile_seg        int64 (tiles,): the segment (a layer, or a row of one) each tile belongs to
+  seg_tiles       int64 (segments, 2): the tiles [t0, t1) of each segment, in order
+Tiles never cross a segment, so a 25M-element embedding and a 768-element bias both run full
+programs, and a row-granularity layer gets one segment per row. Offsets from one typed base
+pointer (rather than raw addresses) let Triton see the alignment: with ALIGNED (every offset
+and segment start a multiple of 8 elements, checked by the launcher) whole tiles load as
+16-byte vectors, and only a segment's last tile is masked.
 
 Gram pass: each program owns one tile and writes the (NPAD x NPAD) fp32 sums of d_i * d_j over
 it (d_i = w_i - w0, loaded in the storage dtype, converted to fp32 at once) to its own slot of
@@ -19,53 +23,71 @@ output dtype, accumulating in fp32.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-# Elements each Gram/merge program owns, by padded model count: the (NPAD, NPAD, BLOCK)
-# product stays at ~8K fp32 values per program. Each new value compiles a kernel once.
-_ELEMS_PER_PROGRAM = 8192
+# Elements each program owns, by padded model count: the (NPAD, NPAD, BLOCK) products stay at
+# ELEMS fp32 values per program. Each new value compiles a kernel once; the environment
+# variables are for tuning runs (benchmarks/gpu_merge.py --sweep).
+_ELEMS_PER_PROGRAM = int(os.environ.get("MODELSTOCK_MERGE_ELEMS", 16384))
+_NUM_WARPS = int(os.environ.get("MODELSTOCK_MERGE_WARPS", 8))
+_ALIGN = 8  # elements: 16 bytes of bf16, 32 of fp32
 
 
 def block_size(npad: int) -> int:
-    return max(128, min(4096, _ELEMS_PER_PROGRAM // (npad * npad)))
+    return max(128, min(8192, _ELEMS_PER_PROGRAM // (npad * npad)))
 
 
 def _npad(n: int) -> int:
     return triton.next_power_of_2(max(n, 2))
 
 
-def _triton_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-            torch.float64: tl.float64}[dtype]
-
-
 @triton.jit
-def _load_tile(ptrs, layer, offs, mask, n, stride_ptrs, NPAD: tl.constexpr, DTYPE: tl.constexpr):
+def _load_tile(base, offs_tab, layer, stride, idx, mask, n,
+               NPAD: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """w0 (BLOCK,) and w (NPAD, BLOCK) of one tile as fp32; rows past n are zero."""
     rows = tl.arange(0, NPAD)
     rmask = rows < n
-    base = tl.load(ptrs + layer * stride_ptrs).to(tl.pointer_type(DTYPE))
-    w0 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-    addrs = tl.load(ptrs + layer * stride_ptrs + 1 + rows, mask=rmask, other=0)
-    w = tl.load(addrs.to(tl.pointer_type(DTYPE))[:, None] + offs[None, :],
-                mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
-    return w0, w, rmask
+    off0 = tl.load(offs_tab + layer * stride)
+    offw = tl.load(offs_tab + layer * stride + 1 + rows, mask=rmask, other=0)
+    if ALIGNED:
+        off0 = tl.multiple_of(off0, 8)
+        offw = tl.multiple_of(offw, 8)
+    if MASKED:
+        w0 = tl.load(base + off0 + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(base + offw[:, None] + idx[None, :], mask=rmask[:, None] & mask[None, :], other=0.0)
+    else:
+        w0 = tl.load(base + off0 + idx).to(tl.float32)
+        w = tl.load(base + offw[:, None] + idx[None, :], mask=rmask[:, None], other=0.0)
+    return w0, w.to(tl.float32), rmask
 
 
 @triton.jit
-def _gram_tiles_kernel(ptrs, tiles, partials, n, stride_ptrs,
-                       NPAD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """partials[tile] = sum over the tile of d_i d_j, d_i = w_i - w0 (fp32, NPAD x NPAD).
-    Program ``pid`` owns tile ``pid``: elements [start, min(start + BLOCK, end)) of its layer."""
-    pid = tl.program_id(0).to(tl.int64)
+def _tile(tiles, pid, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     layer = tl.load(tiles + pid * 3)
     start = tl.load(tiles + pid * 3 + 1)
     end = tl.load(tiles + pid * 3 + 2)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < end
-    w0, w, rmask = _load_tile(ptrs, layer, offs, mask, n, stride_ptrs, NPAD, DTYPE)
+    if ALIGNED:
+        start = tl.multiple_of(start, 8)
+    idx = start + tl.arange(0, BLOCK).to(tl.int64)
+    return layer, start, end, idx
+
+
+@triton.jit
+def _gram_tiles_kernel(base, offs_tab, tiles, partials, n, stride,
+                       NPAD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """partials[tile] = sum over the tile of d_i d_j, d_i = w_i - w0 (fp32, NPAD x NPAD).
+    Program ``pid`` owns tile ``pid``: elements [start, min(start + BLOCK, end)) of its layer."""
+    pid = tl.program_id(0).to(tl.int64)
+    layer, start, end, idx = _tile(tiles, pid, ALIGNED, BLOCK)
+    mask = idx < end
+    if start + BLOCK <= end:
+        w0, w, rmask = _load_tile(base, offs_tab, layer, stride, idx, mask, n, NPAD, ALIGNED, False)
+    else:
+        w0, w, rmask = _load_tile(base, offs_tab, layer, stride, idx, mask, n, NPAD, ALIGNED, True)
     d = tl.where(rmask[:, None] & mask[None, :], w - w0[None, :], 0.0)
     g = tl.sum(d[:, None, :] * d[None, :, :], axis=2)
     rows = tl.arange(0, NPAD)
@@ -87,22 +109,28 @@ def _reduce_segments_kernel(partials, seg_tiles, gram, NN: tl.constexpr, CHUNK: 
 
 
 @triton.jit
-def _merge_tiles_kernel(ptrs, out_ptrs, tiles, tile_seg, t, n, stride_ptrs,
-                        NPAD: tl.constexpr, DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """out = w0 + t[seg] * (mean_i(w_i) - w0) over one tile, in fp32, stored as OUT_DTYPE.
+def _merge_tiles_kernel(base, offs_tab, out, out_offs, tiles, tile_seg, t, n, stride,
+                        NPAD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """out = w0 + t[seg] * (mean_i(w_i) - w0) over one tile, in fp32, stored in out's dtype.
     Program ``pid`` owns tile ``pid``; the output may be one of the inputs (same offsets)."""
     pid = tl.program_id(0).to(tl.int64)
-    layer = tl.load(tiles + pid * 3)
-    start = tl.load(tiles + pid * 3 + 1)
-    end = tl.load(tiles + pid * 3 + 2)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < end
-    w0, w, rmask = _load_tile(ptrs, layer, offs, mask, n, stride_ptrs, NPAD, DTYPE)
+    layer, start, end, idx = _tile(tiles, pid, ALIGNED, BLOCK)
+    mask = idx < end
+    full = start + BLOCK <= end
+    if full:
+        w0, w, rmask = _load_tile(base, offs_tab, layer, stride, idx, mask, n, NPAD, ALIGNED, False)
+    else:
+        w0, w, rmask = _load_tile(base, offs_tab, layer, stride, idx, mask, n, NPAD, ALIGNED, True)
     mean = tl.sum(w, axis=0) / n
     ratio = tl.load(t + tl.load(tile_seg + pid))
-    merged = w0 + ratio * (mean - w0)
-    out = tl.load(out_ptrs + layer).to(tl.pointer_type(OUT_DTYPE))
-    tl.store(out + offs, merged.to(OUT_DTYPE), mask=mask)
+    merged = (w0 + ratio * (mean - w0)).to(out.dtype.element_ty)
+    o = tl.load(out_offs + layer)
+    if ALIGNED:
+        o = tl.multiple_of(o, 8)
+    if full:
+        tl.store(out + o + idx, merged)
+    else:
+        tl.store(out + o + idx, merged, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +156,27 @@ def tile_table(numels: list[int], rows: list[int], block: int, device) -> tuple[
     return tiles.to(device), tile_seg.to(device), seg_tiles.to(device)
 
 
-def gram(ptrs: torch.Tensor, tiles: torch.Tensor, seg_tiles: torch.Tensor, n: int, dtype: torch.dtype,
+class Addresses:
+    """Element offsets of tensors of one dtype from the lowest-addressed of them (the base)."""
+
+    def __init__(self, tensors: list[list[torch.Tensor]], device):
+        flat = [t for ts in tensors for t in ts]
+        self.base = min(flat, key=lambda t: t.data_ptr())
+        size = self.base.element_size()
+        addr = torch.tensor([[t.data_ptr() for t in ts] for ts in tensors], dtype=torch.int64)
+        delta = addr - self.base.data_ptr()
+        if bool((delta % size).any()):
+            raise ValueError("tensors of one dtype must be aligned to their element size")
+        self.offs = (delta // size).to(device)
+        self.aligned = self.base.data_ptr() % 16 == 0 and not bool((delta // size % _ALIGN).any())
+
+
+def aligned(seg_starts_ok: bool, *addresses: Addresses) -> bool:
+    """Whether whole tiles may load as aligned vectors (see the module docstring)."""
+    return seg_starts_ok and all(a.aligned for a in addresses)
+
+
+def gram(inputs: Addresses, tiles: torch.Tensor, seg_tiles: torch.Tensor, n: int, is_aligned: bool,
          partials: torch.Tensor | None = None) -> torch.Tensor:
     """(segments, N, N) fp64 Gram matrices of the deltas; ``partials`` is reusable scratch of
     (tiles, NPAD * NPAD) fp32."""
@@ -138,18 +186,19 @@ def gram(ptrs: torch.Tensor, tiles: torch.Tensor, seg_tiles: torch.Tensor, n: in
         partials = torch.empty(num_tiles, npad * npad, dtype=torch.float32, device=tiles.device)
     out = torch.empty(num_segs, npad * npad, dtype=torch.float64, device=tiles.device)
     if num_tiles:
-        _gram_tiles_kernel[(num_tiles,)](ptrs, tiles, partials, n, ptrs.stride(0),
-                                         NPAD=npad, DTYPE=_triton_dtype(dtype), BLOCK=block_size(npad))
+        _gram_tiles_kernel[(num_tiles,)](inputs.base, inputs.offs, tiles, partials, n, inputs.offs.stride(0),
+                                         NPAD=npad, ALIGNED=is_aligned, BLOCK=block_size(npad), num_warps=_NUM_WARPS)
     if num_segs:
         _reduce_segments_kernel[(num_segs,)](partials, seg_tiles, out, NN=npad * npad, CHUNK=64)
     return out.view(num_segs, npad, npad)[:, :n, :n]
 
 
-def merge(ptrs: torch.Tensor, out_ptrs: torch.Tensor, tiles: torch.Tensor, tile_seg: torch.Tensor,
-          t: torch.Tensor, n: int, dtype: torch.dtype, out_dtype: torch.dtype) -> None:
-    """Write every layer's merged weights (``t``: fp32, one per segment) to ``out_ptrs``."""
+def merge(inputs: Addresses, outputs: Addresses, tiles: torch.Tensor, tile_seg: torch.Tensor, t: torch.Tensor,
+          n: int, is_aligned: bool) -> None:
+    """Write every layer's merged weights (``t``: fp32, one per segment) to the outputs."""
     npad = _npad(n)
     if tiles.shape[0]:
-        _merge_tiles_kernel[(tiles.shape[0],)](ptrs, out_ptrs, tiles, tile_seg, t, n, ptrs.stride(0),
-                                               NPAD=npad, DTYPE=_triton_dtype(dtype),
-                                               OUT_DTYPE=_triton_dtype(out_dtype), BLOCK=block_size(npad))
+        _merge_tiles_kernel[(tiles.shape[0],)](inputs.base, inputs.offs, outputs.base, outputs.offs.view(-1), tiles,
+                                               tile_seg, t, n, inputs.offs.stride(0),
+                                               NPAD=npad, ALIGNED=is_aligned, BLOCK=block_size(npad),
+                                               num_warps=_NUM_WARPS)

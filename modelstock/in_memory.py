@@ -26,10 +26,10 @@ def resolve_backend(backend: str, device: torch.device, compute_dtype: torch.dty
     triton_ok = device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     if backend == "auto":
         return "triton" if device.type == "cuda" and compute_dtype == torch.float32 and _has_triton() else "torch"
-    if not triton_ok:
-        raise ValueError("backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
     if compute_dtype != torch.float32:
         raise ValueError("backend='triton' computes in fp32; use backend='torch' for compute_dtype=torch.float64")
+    if not triton_ok:
+        raise ValueError("backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
     return "triton"
 
 

@@ -30,16 +30,18 @@ class _Group:
         device = outs[0].device
         n = len(tensors[0]) - 1
         self.layers, self.n = layers, n
-        self.dtype, self.out_dtype = tensors[0][0].dtype, outs[0].dtype
-        self.ptrs = torch.tensor([[t.data_ptr() for t in ts] for ts in tensors], dtype=torch.int64, device=device)
-        self.out_ptrs = torch.tensor([o.data_ptr() for o in outs], dtype=torch.int64, device=device)
+        self.inputs = kmerge.Addresses(tensors, device)
+        self.outputs = kmerge.Addresses([[o] for o in outs], device)
         block = kmerge.block_size(kmerge._npad(n))
         self.tiles, self.tile_seg, self.seg_tiles = kmerge.tile_table([o.numel() for o in outs], rows, block, device)
+        rows_aligned = all(r == 1 or (o.numel() // r) % 8 == 0 for o, r in zip(outs, rows))
+        self.aligned = kmerge.aligned(rows_aligned, self.inputs, self.outputs)
+        npad = kmerge._npad(n)
+        self.partials = torch.empty(self.tiles.shape[0], npad * npad, dtype=torch.float32, device=device)
         first = [0]
         for r in rows:
             first.append(first[-1] + r)
         self.segments = list(zip(first[:-1], first[1:]))  # each layer's segment range
-        self.partials = None
 
 
 def _plan(tensors: list[list[Tensor]], outs: list[Tensor], rows: list[int]) -> list[_Group]:
@@ -79,12 +81,12 @@ def run(p: Prepared, sources: Sequence[str], *, eps: float, clamp: bool, stats: 
     One host synchronisation per group, for the NaN / inf check."""
     result: list[LayerStats | None] = [None] * len(p.layers)
     for g in p.groups:
-        gram = kmerge.gram(g.ptrs, g.tiles, g.seg_tiles, g.n, g.dtype, g.partials)
+        gram = kmerge.gram(g.inputs, g.tiles, g.seg_tiles, g.n, g.aligned, g.partials)
         r = ratio(gram, eps=eps, clamp=clamp)
         finite = torch.isfinite(r.norms).all(1) & torch.isfinite(r.t)
         if not bool(finite.all()):
             _raise_non_finite(g, finite, r, p.layers, p.tensors, sources)
-        kmerge.merge(g.ptrs, g.out_ptrs, g.tiles, g.tile_seg, r.t.to(torch.float32), g.n, g.dtype, g.out_dtype)
+        kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, r.t.to(torch.float32), g.n, g.aligned)
         if stats or not clamp:
             host = Ratio(*(x.cpu() for x in (r.norms, r.cos_pairs, r.cos, r.t, r.clamped)))
             for i, (s0, s1) in zip(g.layers, g.segments):

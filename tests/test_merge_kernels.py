@@ -108,7 +108,7 @@ def test_gram_launcher_against_fp64_with_segments():
     n = 3
     a, b = torch.randn(n + 1, 2 * B2 + 9), torch.randn(n + 1, 3 * 101)
     a, b = a.to(DEVICE), b.to(DEVICE)
-    ptrs = torch.tensor([[t.data_ptr() for t in a], [t.data_ptr() for t in b]], dtype=torch.int64, device=DEVICE)
+    inputs = kmerge.Addresses([list(a), list(b)], DEVICE)
     block = kmerge.block_size(4)
     tiles, tile_seg, seg_tiles = kmerge.tile_table([a.shape[1], b.shape[1]], [1, 3], block, DEVICE)
     covered = torch.zeros(a.shape[1] + b.shape[1], dtype=torch.int64)
@@ -116,7 +116,7 @@ def test_gram_launcher_against_fp64_with_segments():
         lo = start + (0 if layer == 0 else a.shape[1])
         covered[lo: lo + min(block, end - start)] += 1
     assert torch.equal(covered, torch.ones_like(covered))  # every element in exactly one tile
-    g = kmerge.gram(ptrs, tiles, seg_tiles, n, torch.float32).cpu()
+    g = kmerge.gram(inputs, tiles, seg_tiles, n, kmerge.aligned(False, inputs)).cpu()
     segs = [a.cpu().double()] + [b.cpu().double()[:, r * 101:(r + 1) * 101] for r in range(3)]
     for s, w in enumerate(segs):
         d = w[1:] - w[0]
