@@ -2,9 +2,10 @@
 # The GPU check, run once on a lent GPU machine (its own torch and triton; nothing installed
 # but the carried wheels in .whl/, e.g. open_clip for the model shapes):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])
-# 1. a short sweep of the merge kernels' two tuning knobs on ViT-bigG-14 (Triton only);
+# 1. with SWEEP=1 only: a sweep of the merge kernels' two tuning knobs on ViT-bigG-14 (Triton
+#    only), whose best setting the next steps then use;
 # 2. the test suite with the Triton kernels on CUDA;
-# 3. the GPU benchmark (Triton vs loop vs foreach) with the sweep's best setting.
+# 3. the GPU benchmark (Triton vs loop vs foreach).
 # Logs and JSON records go under $OUT (default benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,13 +20,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFE
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"; } 2>&1 | tee "$OUT/gpu-env.txt"
 status=0
 best="" best_ms=""
-configs=("16384 8" "32768 8" "16384 4" "32768 16")  # elements per program, warps
+configs=("2048 2" "4096 4" "8192 4" "16384 8")  # elements per program, warps
+[ "${SWEEP:-0}" = 1 ] || configs=()
 for cfg in "${configs[@]}"; do
     set -- $cfg
     mkdir -p /tmp/sweep
     MODELSTOCK_MERGE_ELEMS=$1 MODELSTOCK_MERGE_WARPS=$2 timeout 90 python3 benchmarks/gpu_merge.py \
-        --models ViT-bigG-14 --only triton --out /tmp/sweep --tag "-sweep-$1-$2" > /tmp/sweep/log-$1-$2 2>&1 || continue
-    ms=$(python3 -c "import json,glob; d=json.load(open(glob.glob('/tmp/sweep/*sweep-$1-$2-*.json')[0])); print(sum(c['ms']['triton'] for c in d['cases']))")
+        --models ViT-bigG-14 --only triton --out "$OUT" --tag="-sweep-$1-$2" > /tmp/sweep/log-$1-$2 2>&1 || continue
+    ms=$(python3 -c "import json,glob; d=json.load(open(glob.glob('$OUT/*sweep-$1-$2-*.json')[0])); print(sum(c['ms']['triton'] for c in d['cases']))")
     echo "sweep elems=$1 warps=$2: $ms ms (bigG fp32 + bf16)" | tee -a "$OUT/gpu-sweep.txt"
     if [ -z "$best_ms" ] || python3 -c "import sys; sys.exit(0 if $ms < $best_ms else 1)"; then best="$1 $2"; best_ms=$ms; fi
 done

@@ -30,10 +30,12 @@ import triton
 import triton.language as tl
 
 # Elements each program owns, by padded model count: the (NPAD, NPAD, BLOCK) products stay at
-# ELEMS fp32 values per program. Each new value compiles a kernel once; the environment
-# variables are for tuning runs (benchmarks/gpu_merge.py --sweep).
-_ELEMS_PER_PROGRAM = int(os.environ.get("MODELSTOCK_MERGE_ELEMS", 16384))
-_NUM_WARPS = int(os.environ.get("MODELSTOCK_MERGE_WARPS", 8))
+# ELEMS fp32 values per program (BLOCK = 1024 for N = 2). Chosen by a sweep on an H200
+# (benchmarks/results/gpu-merge-sweep-*.json: 4096 elements and 4 warps beat 2048..65536 and
+# 2..16 warps on ViT-bigG-14 in fp32 and bf16). The environment variables are for such sweeps
+# (benchmarks/gpu_check.sh with SWEEP=1); each new value compiles a kernel once.
+_ELEMS_PER_PROGRAM = int(os.environ.get("MODELSTOCK_MERGE_ELEMS", 4096))
+_NUM_WARPS = int(os.environ.get("MODELSTOCK_MERGE_WARPS", 4))
 _ALIGN = 8  # elements: 16 bytes of bf16, 32 of fp32
 
 
