@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensors matching GLOB get the plain average of the fine-tuned models (repeatable)")
     m.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's, per tensor)")
-    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the arithmetic runs (auto: cpu; cuda is not built yet for files)")
     m.add_argument("--shard-size", metavar="SIZE", help="split the safetensors output into shards of at most "
                    "SIZE (e.g. 2GB, 500MiB) with a Hugging Face index")
     m.add_argument("--report", metavar="FILE.json", help="write the per-layer figures as JSON")
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from .plan import InputError
 
     if args.device == "cuda":
-        return _fail("--device cuda needs the Triton merge kernels, which are not part of this release yet; "
-                     "use --device cpu")
+        return _fail("--device cuda: file-to-file merges on the GPU are not built yet; use --device cpu "
+                     "(or modelstock.merge on CUDA tensors)")
     try:
         report = merge_files(
             args.checkpoints[0], args.checkpoints[1:], args.output,
