@@ -150,10 +150,10 @@ def merge_files(
     Inputs may be safetensors files, sharded safetensors (index or folder) or torch files; the
     options are :func:`modelstock.merge`'s (dtypes as torch dtypes or names, "bfloat16").
     The arithmetic runs on numpy (``modelstock/stream_math.py``): torch is imported only for
-    torch-format files. ``shard_size`` (bytes, or "2GB") splits a
-    safetensors output into shards with an index. The output keeps the base's metadata and
-    records the merge's. Nothing is written unless the whole merge succeeds (files are renamed into
-place at the end); ``durable`` also fsyncs them, so they survive a power cut.
+    torch-format files. ``shard_size`` (bytes, or "2GB") splits a safetensors output into
+    shards with an index. The output keeps the base's metadata and records the merge's.
+    Nothing is written unless the whole merge succeeds (files are renamed into place at the
+    end); ``durable`` also fsyncs them, so they survive a power cut.
     """
     start = time.perf_counter()
     if isinstance(finetuned, (str, os.PathLike)):
@@ -161,7 +161,8 @@ place at the end); ``durable`` also fsyncs them, so they survive a power cut.
     if len(finetuned) < 2:
         raise InputError(f"needs at least two fine-tuned checkpoints, got {len(finetuned)}")
     if backend not in ("auto", "torch"):
-        raise NotImplementedError(f"backend={backend!r}: the Triton merge kernels are not part of this release yet")
+        raise NotImplementedError(f"backend={backend!r}: file merges run on the CPU for now; the Triton "
+                                  "kernels serve in-memory merges (modelstock.merge of CUDA tensors)")
     out_dtype = None if out_dtype is None else _dtype_name(out_dtype)
     compute_dtype = _dtype_name(compute_dtype)
     if out_dtype is not None and out_dtype not in FLOATS:
