@@ -1,0 +1,132 @@
+"""The compute cost of a network with DynOPool layers, differentiable in every DynOPool's alpha.
+
+The cost is the multiply-accumulates of the network's ``nn.Conv2d`` and ``nn.Linear`` layers at
+the current (integer) resolutions. A layer downstream of DynOPool layers sees its spatial size
+scaled by each one's (H_hat W_hat) / (H_out W_out): value 1, gradient that of the
+straight-through sizes, so the count equals the integer MACs and its gradient says how they
+move with each alpha.
+
+Which DynOPool layers are upstream of a layer is read off the autograd graph of one forward
+pass: each DynOPool output is tagged by multiplying it with a leaf of value 1, and a layer's
+input is upstream of the tags its graph reaches. This follows the real data flow, so a
+residual block's shortcut (which bypasses the block's pooling) is not scaled by it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .pool import DynOPool2d
+from .reference import straight_through_size
+
+
+def _layer_macs(module: nn.Module, out: Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return out.numel() * (module.in_channels // module.groups) * kh * kw
+    return out.numel() * module.in_features  # nn.Linear
+
+
+def _upstream(t: Tensor, tags: dict[int, DynOPool2d]) -> frozenset:
+    found, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) in tags:
+            found.add(tags[id(var)])
+        stack.extend(f for f, _ in fn.next_functions)
+    return frozenset(found)
+
+
+class _Trace:
+    """One forward pass's record: each layer's integer MACs and the DynOPools upstream of it,
+    and each DynOPool's input size."""
+
+    def __init__(self, model: nn.Module, input_shape):
+        self.layers: list[tuple[int, frozenset]] = []
+        self.pool_inputs: dict[DynOPool2d, tuple[int, int]] = {}
+        tags: dict[int, DynOPool2d] = {}
+        keep = []
+
+        def tag_pool(module, inputs, output):
+            self.pool_inputs[module] = tuple(inputs[0].shape[-2:])
+            leaf = torch.ones((), dtype=output.dtype, device=output.device, requires_grad=True)
+            tags[id(leaf)] = module
+            keep.append(leaf)
+            return output * leaf
+
+        def count(module, inputs, output):
+            self.layers.append((_layer_macs(module, output), _upstream(inputs[0], tags)))
+
+        handles = []
+        for m in model.modules():
+            if isinstance(m, DynOPool2d):
+                handles.append(m.register_forward_hook(tag_pool))
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                handles.append(m.register_forward_hook(count))
+        param = next(model.parameters(), None)
+        x = torch.zeros(input_shape, device=param.device if param is not None else None,
+                        dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
+                        requires_grad=True)
+        training = model.training
+        try:
+            model.eval()  # no running-statistics updates from this probe
+            with torch.enable_grad():
+                model(x)
+        finally:
+            model.train(training)
+            for h in handles:
+                h.remove()
+        self.sizes = {p: p.output_size(*hw) for p, hw in self.pool_inputs.items()}
+
+    def stale(self) -> bool:
+        return any(p.output_size(*hw) != self.sizes[p] for p, hw in self.pool_inputs.items())
+
+    def cost(self) -> Tensor:
+        factors = {}
+        for p, (h, w) in self.pool_inputs.items():
+            (h_hat, h_out), (w_hat, w_out) = (straight_through_size(h, p.alpha[0].double()),
+                                              straight_through_size(w, p.alpha[1].double()))
+            factors[p] = h_hat * w_hat / (h_out * w_out)
+        total = torch.zeros((), dtype=torch.float64)
+        for macs, ups in self.layers:
+            scale = torch.ones((), dtype=torch.float64)
+            for p in ups:
+                scale = scale * factors[p].to(scale.device)
+            total = total + macs * scale
+        return total
+
+
+def count_macs(model: nn.Module, input_shape) -> Tensor:
+    """MACs of ``model``'s Conv2d and Linear layers for one input of ``input_shape`` (batch
+    included) at the current sizes, as an fp64 tensor differentiable in every DynOPool's alpha.
+    Its value is half the FLOPs torch.utils.flop_counter counts for those layers."""
+    return _Trace(model, input_shape).cost()
+
+
+class ComputeCostLoss(nn.Module):
+    """The cost term added to the task loss: ``weight * relu(cost / budget - 1)`` with a budget
+    (MACs), ``weight * cost / cost_at_init`` without. The layer structure is traced once and
+    again only when some DynOPool's integer output size changes."""
+
+    def __init__(self, model: nn.Module, input_shape, budget: float | None = None, weight: float = 1.0):
+        super().__init__()
+        if budget is not None and not budget > 0:
+            raise ValueError(f"budget must be a positive number of MACs, got {budget!r}")
+        self.model, self.input_shape, self.budget, self.weight = [model], tuple(input_shape), budget, weight
+        self._trace = _Trace(model, self.input_shape)
+        self.cost_at_init = float(self._trace.cost())
+
+    def cost(self) -> Tensor:
+        if self._trace.stale():
+            self._trace = _Trace(self.model[0], self.input_shape)
+        return self._trace.cost()
+
+    def forward(self) -> Tensor:
+        cost = self.cost()
+        if self.budget is None:
+            return self.weight * cost / self.cost_at_init
+        return self.weight * torch.relu(cost / self.budget - 1)

@@ -1,0 +1,144 @@
+"""count_macs, ComputeCostLoss and replace_pooling on torchvision models (random weights)."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dynopool import ComputeCostLoss, DynOPool2d, count_macs, replace_pooling
+
+
+def conv_linear_macs_by_flop_counter(model, shape):
+    """Half the FLOPs torch's own counter gives the convolutions and linear layers (aten.mm is
+    DynOPool's sampling, not a layer of the network)."""
+    counter = FlopCounterMode(display=False)
+    model.eval()
+    with counter, torch.no_grad():
+        model(torch.zeros(shape))
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    return (counts.get("aten.convolution", 0) + counts.get("aten.addmm", 0)) // 2
+
+
+MODELS = [("resnet18", (1, 3, 96, 96)), ("resnet50", (1, 3, 64, 64)), ("vgg11", (1, 3, 64, 64)),
+          ("vgg16", (1, 3, 64, 64))]
+
+
+@pytest.fixture(scope="module")
+def surgical():
+    made = {}
+    for name, shape in MODELS:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        x = torch.randn(shape)
+        with torch.no_grad():
+            before = [t.shape for t in _feature_shapes(model, x)]
+        done = replace_pooling(model)
+        made[name] = (model, shape, before, done, x)
+    return made
+
+
+def _feature_shapes(model, x):
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(o)) for m in model.children()]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("name,shape", MODELS)
+def test_surgery_keeps_shapes_and_shares_pools_in_residual_blocks(surgical, name, shape):
+    model, _, before, done, x = surgical[name]
+    with torch.no_grad():
+        after = [t.shape for t in _feature_shapes(model, x)]
+    assert after == before
+    pools = [m for m in model.modules() if isinstance(m, DynOPool2d)]
+    assert pools and len(done) >= len(set(map(id, pools)))
+    if name.startswith("resnet"):
+        block = model.layer2[0]
+        main = block.conv1 if name == "resnet18" else block.conv2
+        assert main[0].stride == (1, 1) and main[1] is block.downsample[0][1]
+        assert any("shared with layer2.0.downsample.0" in line for line in done)
+    else:
+        assert not any(isinstance(m, nn.MaxPool2d) for m in model.features)
+
+
+@pytest.mark.parametrize("name,shape", MODELS)
+def test_count_macs_equals_flop_counter_at_init_and_after_alpha_moves(surgical, name, shape):
+    model, shape, *_ = surgical[name]
+    assert int(count_macs(model, shape)) == conv_linear_macs_by_flop_counter(model, shape)
+    pools = [m for m in model.modules() if isinstance(m, DynOPool2d)]
+    with torch.no_grad():
+        pools[1].alpha.fill_(1.6)  # a different integer size downstream
+    try:
+        assert int(count_macs(model, shape)) == conv_linear_macs_by_flop_counter(model, shape)
+    finally:
+        with torch.no_grad():
+            pools[1].alpha.fill_(2.0)
+
+
+def test_cost_gradient_is_negative_in_every_alpha(surgical):
+    model, shape, *_ = surgical["resnet18"]
+    model.zero_grad()
+    count_macs(model, shape).backward()
+    for p in {id(m): m for m in model.modules() if isinstance(m, DynOPool2d)}.values():
+        assert p.alpha.grad is not None and bool((p.alpha.grad < 0).all())
+
+
+def test_cost_gradient_is_the_straight_through_one():
+    # conv (8x8 out) -> DynOPool -> conv: cost = m1 + m2 * h_hat * w_hat / (h_out * w_out)
+    pool = DynOPool2d(alpha=(1.7, 2.3))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), pool, nn.Conv2d(4, 5, 3, padding=1))
+    cost = count_macs(model, (1, 3, 12, 10))
+    h_out, w_out = pool.output_size(12, 10)
+    m1, m2 = 12 * 10 * 4 * 3 * 9, h_out * w_out * 5 * 4 * 9
+    assert float(cost.detach()) == m1 + m2
+    cost.backward()
+    # d(h_hat)/d alpha_h = d(12 / alpha_h)/d alpha_h = -12 / alpha_h^2
+    want = torch.tensor([m2 / h_out * (-12 / 1.7 ** 2), m2 / w_out * (-10 / 2.3 ** 2)])
+    torch.testing.assert_close(pool.alpha.grad.double(), want.double(), rtol=1e-5, atol=0)
+
+
+def test_a_shortcut_is_not_scaled_by_its_own_blocks_pool():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = DynOPool2d(2.0)
+            self.main = nn.Conv2d(2, 2, 3, padding=1)
+            self.short = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.main(self.pool(x)) + self.pool(self.short(x))
+
+    block = Block()
+    cost = count_macs(block, (1, 2, 8, 8))
+    cost.backward()
+    main_macs = 4 * 4 * 2 * 2 * 9  # after the pool
+    # Only the main conv depends on alpha: d cost / d alpha_h = main_macs / h_out * (-8 / 4)
+    torch.testing.assert_close(block.pool.alpha.grad.double(),
+                               torch.tensor([main_macs / 4 * -2.0, main_macs / 4 * -2.0], dtype=torch.float64))
+
+
+def test_compute_cost_loss():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DynOPool2d(2.0), nn.Conv2d(8, 8, 3, padding=1),
+                          DynOPool2d(2.0), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(1, 3, 16, 16))
+    plain = ComputeCostLoss(model, (1, 3, 16, 16), weight=0.5)
+    assert float(plain()) == pytest.approx(0.5)
+    over = ComputeCostLoss(model, (1, 3, 16, 16), budget=plain.cost_at_init / 2, weight=2.0)
+    loss = over()
+    assert float(loss) == pytest.approx(2.0)  # relu(cost / (cost / 2) - 1) = 1, times 2
+    loss.backward()
+    pools = [m for m in model.modules() if isinstance(m, DynOPool2d)]
+    assert all(bool((p.alpha.grad < 0).all()) for p in pools)
+    under = ComputeCostLoss(model, (1, 3, 16, 16), budget=plain.cost_at_init * 2)
+    assert float(under()) == 0.0
+    with pytest.raises(ValueError, match="budget"):
+        ComputeCostLoss(model, (1, 3, 16, 16), budget=0)
+    # When an integer size changes the structure is traced again (a new linear input size
+    # would break the model itself, so only the conv part is probed here).
+    convs = nn.Sequential(*list(model)[:4])
+    loss_fn = ComputeCostLoss(convs, (1, 3, 16, 16))
+    with torch.no_grad():
+        pools[0].alpha.fill_(4.0)
+    assert float(loss_fn.cost()) == int(count_macs(convs, (1, 3, 16, 16))) < loss_fn.cost_at_init
