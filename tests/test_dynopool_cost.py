@@ -142,3 +142,23 @@ def test_compute_cost_loss():
     with torch.no_grad():
         pools[0].alpha.fill_(4.0)
     assert float(loss_fn.cost()) == int(count_macs(convs, (1, 3, 16, 16))) < loss_fn.cost_at_init
+
+
+def test_open_clip_modified_resnet():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    tower = open_clip.create_model("RN50", pretrained=None).visual.eval()
+    x = torch.randn(1, 3, 224, 224)  # its attention pool is built for a 7 x 7 final grid
+    with torch.no_grad():
+        before = tower(x).shape
+    done = replace_pooling(tower)
+    with torch.no_grad():
+        assert tower(x).shape == before
+    assert tower.layer2[0].avgpool is tower.layer2[0].downsample[0]  # shared ("-1" is first)
+    assert len(done) == 8 and sum("shared" in line for line in done) == 6
+    # Its attention pool calls its linear layers functionally: only the convolutions count.
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        tower(torch.zeros(1, 3, 224, 224))
+    convs = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}["aten.convolution"] // 2
+    assert int(count_macs(tower, (1, 3, 224, 224))) == convs
