@@ -57,16 +57,21 @@ def queries(size: int, out: int, size_hat: Tensor, delta: Tensor) -> Tensor:
     return (centres[None, :] + spread[:, None]).clamp(0, size - 1)
 
 
+def _taps(y: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The two bilinear taps of coordinates y (in [0, size - 1]) and the weight of the second;
+    d weight / d y = 1, the one-sided derivative toward y + 1 at integers."""
+    y0 = y.floor()
+    return y0.long(), (y0 + 1).clamp(max=size - 1).long(), y - y0
+
+
 def interpolation_matrix(y: Tensor, size: int) -> Tensor:
-    """A (len(y) x size) with the two bilinear weights of each coordinate in y (clamped to
-    [0, size - 1]): A @ v samples v at y."""
-    y0 = y.detach().floor()
-    y1 = (y0 + 1).clamp(max=size - 1)
-    w1 = y - y0  # gradient 1 in y: the one-sided derivative toward y + 1 at integers
-    a = torch.zeros(y.numel(), size, dtype=y.dtype, device=y.device)
+    """A (len(y) x size) holding the two bilinear weights of each coordinate: A @ v samples v
+    at y (the two weights add up where both taps are the last sample)."""
+    y0, y1, w1 = _taps(y, size)
     rows = torch.arange(y.numel(), device=y.device)
-    a = a.index_put((rows, y0.long()), 1 - w1, accumulate=True)
-    return a.index_put((rows, y1.long()), w1, accumulate=True)
+    a = torch.zeros(y.numel(), size, dtype=y.dtype, device=y.device)
+    a.index_put_((rows, y0), 1 - w1, accumulate=True)
+    return a.index_put_((rows, y1), w1, accumulate=True)
 
 
 def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor) -> Tensor:
@@ -86,11 +91,9 @@ def sample_max(x: Tensor, h_out: int, w_out: int, size_hat: Tensor, delta: Tenso
     compute = size_hat.dtype
     yq = queries(h, h_out, size_hat[0], delta[0])
     xq = queries(w, w_out, size_hat[1], delta[1])
-    y0 = yq.detach().floor().reshape(-1)
-    y1 = (y0 + 1).clamp(max=h - 1)
-    wy1 = yq.reshape(-1) - y0  # gradient 1 in y: one-sided toward y + 1 at integers
-    a_x = interpolation_matrix(xq.reshape(-1), w)  # (2 w_out, w), rows l * w_out + j
-    out = _SeparableMax.apply(x.to(compute).reshape(n * c, h, w), y0.long(), y1.long(), wy1, a_x)
+    # Query rows and columns interleaved (row 2i + k, column 2j + l), so each cell's 4 queries
+    # form a 2 x 2 window of q and the max over them is a stride-2 max pooling of q.
+    out = _SeparableMax.apply(x.to(compute).reshape(n * c, h, w), yq.T.reshape(-1), xq.T.reshape(-1))
     out = out.view(n, c, h_out, w_out)
     out = out.to(x.dtype)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -99,48 +102,49 @@ def sample_max(x: Tensor, h_out: int, w_out: int, size_hat: Tensor, delta: Tenso
 
 
 class _SeparableMax(torch.autograd.Function):
-    """Query values q = (rows of x along H, mixed by wy1) @ a_x^T, then the max over each
-    cell's 2 x 2 queries (ties to the first). Along H the two taps of each query row are
-    whole rows of x (a gather); along W one large matrix product. The backward routes each
-    output's gradient to its winning query only, so the 4x larger query gradient is never
-    built by autograd from four selects."""
+    """out = max over each cell's 2 x 2 queries of q = A_y x A_x^T (rows of q interleaved
+    2i + k, columns 2j + l), for x (nc, h, w) and query coordinates yq (2 h_out), xq (2 w_out).
+
+    Along W one large matrix product with A_x; along H a gather of whole rows (two taps per
+    query row) mixed by their weights; the max is max_pool2d over q's 2 x 2 windows, whose
+    raster scan keeps the first of equal values: (0,0), (0,1), (1,0), (1,1), the spec's tie
+    order. The backward routes each output's gradient to its winning query; the coordinates'
+    gradients are the differences of the two taps (one-sided at integers, zero when both taps
+    are the last sample)."""
 
     @staticmethod
-    def forward(ctx, x3: Tensor, y0: Tensor, y1: Tensor, wy1: Tensor, a_x: Tensor) -> Tensor:
+    def forward(ctx, x3: Tensor, yq: Tensor, xq: Tensor) -> Tensor:
         nc, h, w = x3.shape
-        two_h, two_w = wy1.numel(), a_x.shape[0]
-        rows = x3.index_select(1, torch.cat([y0, y1]))
-        r = torch.lerp(rows[:, :two_h], rows[:, two_h:], wy1[:, None])  # (nc, 2 h_out, w)
-        q = (r.reshape(-1, w) @ a_x.T).view(nc, 2, two_h // 2, 2, two_w // 2)
-        best, win = q[:, 0, :, 0, :], torch.zeros(q[:, 0, :, 0, :].shape, dtype=torch.uint8, device=q.device)
-        for code, (k, l) in enumerate(((0, 1), (1, 0), (1, 1)), start=1):
-            cand = q[:, k, :, l, :]
-            better = cand > best  # strict: ties stay with the first query
-            best = torch.where(better, cand, best)
-            win.masked_fill_(better, code)
-        ctx.save_for_backward(y0, y1, wy1, a_x, rows, win)  # rows: no second gather in backward
-        ctx.x_shape = x3.shape
-        return best
+        two_h, two_w = yq.numel(), xq.numel()
+        a_x = interpolation_matrix(xq, w)
+        cols = (x3.reshape(-1, w) @ a_x.T).view(nc, h, two_w)
+        y0, y1, wy = _taps(yq, h)
+        # In place where possible: fresh memory costs page faults comparable to the arithmetic.
+        q = cols.index_select(1, y0)
+        diff = cols.index_select(1, y1).sub_(q)
+        q = q.addcmul_(diff, wy[:, None]).view(nc, 1, two_h, two_w)
+        out, win = torch.ops.aten.max_pool2d_with_indices(q, [2, 2], [2, 2])
+        ctx.save_for_backward(x3, yq, xq, a_x, diff, q, win)
+        return out.view(nc, two_h // 2, two_w // 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        y0, y1, wy1, a_x, rows, win = ctx.saved_tensors
-        nc, h, w = ctx.x_shape
-        two_h, two_w = wy1.numel(), a_x.shape[0]
-        h_out, w_out = two_h // 2, two_w // 2
-        k, l = (win >> 1).long(), (win & 1).long()
-        i = torch.arange(h_out, device=grad.device)[:, None]
-        j = torch.arange(w_out, device=grad.device)[None, :]
-        pos = (k * h_out + i) * two_w + (l * w_out + j)  # the winner's place in q (2 h_out, 2 w_out)
-        gq = torch.zeros(nc, two_h * two_w, dtype=grad.dtype, device=grad.device)
-        gq.scatter_(1, pos.reshape(nc, -1), grad.reshape(nc, -1))
-        gq = gq.view(-1, two_w)
-        g_r = (gq @ a_x).view(nc, two_h, w)
-        start, end = rows[:, :two_h], rows[:, two_h:]
-        g_ax = gq.T @ torch.lerp(start, end, wy1[:, None]).reshape(-1, w)
-        g_end = g_r * wy1[:, None]
-        g_x = torch.zeros(ctx.x_shape, dtype=grad.dtype, device=grad.device)
-        g_x.index_add_(1, y0, g_r - g_end)
-        g_x.index_add_(1, y1, g_end)
-        g_w = (g_r * (end - start)).sum(dim=(0, 2))
-        return g_x, None, None, g_w, g_ax
+        x3, yq, xq, a_x, diff, q, win = ctx.saved_tensors
+        nc, h, w = x3.shape
+        two_h, two_w = yq.numel(), xq.numel()
+        gq = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.reshape(nc, 1, two_h // 2, two_w // 2), q, [2, 2], [2, 2], [0, 0], [1, 1], False, win)
+        gq = gq.view(nc, two_h, two_w)
+        y0, y1, wy = _taps(yq, h)
+        g_yq = (gq * diff).sum(dim=(0, 2))
+        g_end = gq * wy[:, None]
+        g_cols = torch.zeros(nc, h, two_w, dtype=gq.dtype, device=gq.device)
+        g_cols.index_add_(1, y1, g_end)
+        g_cols.index_add_(1, y0, gq.sub_(g_end))
+        g_cols = g_cols.view(-1, two_w)
+        g_x = (g_cols @ a_x).view(nc, h, w)
+        g_ax = g_cols.T @ x3.reshape(-1, w)  # (2 w_out, w)
+        u0, u1, _ = _taps(xq, w)
+        j = torch.arange(two_w, device=xq.device)
+        g_xq = g_ax[j, u1] - g_ax[j, u0]
+        return g_x, g_yq, g_xq
