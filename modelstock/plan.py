@@ -16,7 +16,6 @@ from .ratio import layer_rows
 
 # dtypes by name ("float32", as str(torch.float32) without "torch."), the same for every backend.
 FLOATS = ("float64", "float32", "float16", "bfloat16")
-INTEGERS = ("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool")
 # The numpy dtype holding each (numpy has no bfloat16: it travels as its uint16 bits).
 NUMPY_DTYPES = {
     "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,

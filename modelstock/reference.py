@@ -12,7 +12,7 @@ floating dtype (the compute dtype). With ``rows > 1`` (granularity ``row``) ever
 
 ``modelstock/stream_math.py`` is the same math on numpy arrays for the torch-free file merge;
 the tests hold the two to each other and to an fp64 formula. Both provide the names
-``gram, merge_into, all_finite, cast, equal`` that ``modelstock/layer.py`` calls.
+``gram, merge_into, all_finite, cast, widen, equal`` that ``modelstock/layer.py`` calls.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .ratio import EPS, Ratio, layer_rows, ratio  # noqa: F401  (re-exported: the whole spec here)
+from .ratio import EPS, Ratio, layer_rows, ratio  # noqa: F401  (re-exported: the whole spec in one place)
 from .tiles import BLOCK, CHUNK, tiles
 
 def gram(w0: Tensor, ws: Sequence[Tensor], rows: int = 1) -> Tensor:
@@ -75,13 +75,6 @@ def merge_into(out: Tensor, w0: Tensor | None, ws: Sequence[Tensor], t=None) -> 
             mean.sub_(base2[tile]).mul_(weight[r0:r1])
             torch.add(base2[tile], mean, out=out2[tile])
     return out
-
-
-def layer_ratio(w0: Tensor, ws: Sequence[Tensor], rows: int = 1, *, eps: float = EPS, clamp: bool = True) -> Ratio:
-    """The ratio (one per row) of one layer: base ``w0``, fine-tuned ``ws``, all flat."""
-    if len(ws) < 2:
-        raise ValueError(f"Model Stock needs at least two fine-tuned models, got {len(ws)}")
-    return ratio(gram(w0, ws, rows), eps=eps, clamp=clamp)
 
 
 def all_finite(x: Tensor) -> bool:
