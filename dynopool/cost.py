@@ -118,7 +118,7 @@ class ComputeCostLoss(nn.Module):
             raise ValueError(f"budget must be a positive number of MACs, got {budget!r}")
         self.model, self.input_shape, self.budget, self.weight = [model], tuple(input_shape), budget, weight
         self._trace = _Trace(model, self.input_shape)
-        self.cost_at_init = float(self._trace.cost())
+        self.cost_at_init = float(self._trace.cost().detach())
 
     def cost(self) -> Tensor:
         if self._trace.stale():
