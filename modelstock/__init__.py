@@ -15,14 +15,15 @@ from .plan import InputError
 from .report import LayerStats, MergeReport
 
 __version__ = "0.1.0"
-__all__ = ["merge", "merge_", "InPlaceMerge", "merge_files", "MergeReport", "LayerStats", "InputError"]
+__all__ = ["merge", "merge_", "InPlaceMerge", "PeriodicMerge", "merge_files", "MergeReport", "LayerStats",
+           "InputError"]
 
 
 def __getattr__(name):
-    if name in ("merge", "merge_", "InPlaceMerge"):  # import torch, so only when asked for
-        from . import in_memory
+    if name in ("merge", "merge_", "InPlaceMerge", "PeriodicMerge"):  # torch: only when asked for
+        from . import in_memory, periodic
 
-        value = getattr(in_memory, name)
+        value = getattr(periodic if name == "PeriodicMerge" else in_memory, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'modelstock' has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""Model Stock during training (the paper's periodic merging).
+
+N models start from the pre-trained weights w0 and are fine-tuned side by side (different
+seeds or data order). Every ``every`` optimizer steps (or whenever ``merge()`` is called, e.g.
+at each epoch end) the Model Stock merge of their current weights replaces every model's
+weights; w0 stays fixed. Each model keeps its own optimizer state (momentum, Adam moments):
+the merge changes weights only, as in the paper's procedure.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .in_memory import InPlaceMerge, _state_dict
+from .plan import canonical_name
+from .ratio import EPS
+from .report import MergeReport
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class PeriodicMerge:
+    """Merge ``models`` in place with Model Stock every ``every`` calls of :meth:`step`.
+
+        merger = PeriodicMerge(pretrained_state, [m1, m2], every=len(loader))
+        for x, y in loader:  ...; opt1.step(); opt2.step(); merger.step()
+
+    ``base``: the pre-trained weights (a state dict or module); one copy is kept, on the
+    models' device (``keep_base="device"``) or on the host (``"host"``, copied over for each
+    merge to spare GPU memory). Models wrapped in DistributedDataParallel work as they are:
+    the merge is local and deterministic, so ranks stay identical. Other options are
+    :func:`modelstock.merge`'s; on CUDA the Triton kernels merge in place (no host round trip).
+    """
+
+    def __init__(self, base, models: Sequence[nn.Module], *, every: int | None = None, keep_base: str = "device",
+                 granularity: str = "tensor", clamp: bool = True, exclude: Sequence[str] = (), eps: float = EPS,
+                 backend: str = "auto"):
+        if len(models) < 2:
+            raise ValueError(f"PeriodicMerge needs at least two models, got {len(models)}")
+        if every is not None and every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        if keep_base not in ("device", "host"):
+            raise ValueError(f"keep_base must be 'device' or 'host', got {keep_base!r}")
+        self.models = [_unwrap(m) for m in models]
+        self.every, self.keep_base, self.steps, self.merges = every, keep_base, 0, 0
+        self.options = dict(granularity=granularity, clamp=clamp, exclude=exclude, eps=eps, backend=backend)
+        device = next(self.models[0].parameters()).device
+        where = device if keep_base == "device" else torch.device("cpu")
+        # Floating weights: one fixed copy of w0. Integer buffers (BatchNorm's step counters)
+        # move on with training: they are read from the first model, so the merge keeps them
+        # as long as the models agree (and refuses if they drift apart).
+        live = {canonical_name(k): v for k, v in self.models[0].state_dict().items()}
+        self.base = {k: v.detach().to(where, copy=True) if v.is_floating_point() else live.get(canonical_name(k), v)
+                     for k, v in _state_dict(base, "base").items()}
+        self._merge = InPlaceMerge(self.models, self.base, self.models, **self.options) if keep_base == "device" else None
+
+    def step(self) -> bool:
+        """Count one optimizer step; merge when ``every`` steps have passed. Returns whether
+        it merged."""
+        self.steps += 1
+        if self.every is not None and self.steps % self.every == 0:
+            self.merge()
+            return True
+        return False
+
+    @torch.no_grad()
+    def merge(self, report: MergeReport | None = None) -> None:
+        """Merge now: every model gets the Model Stock merge of the models' current weights."""
+        if self._merge is not None:
+            self._merge(report)
+        else:
+            device = next(self.models[0].parameters()).device
+            base = {k: v.to(device, non_blocking=True) for k, v in self.base.items()}
+            InPlaceMerge(self.models, base, self.models, **self.options)(report)
+        self.merges += 1
