@@ -13,7 +13,8 @@ setup(
         "triton": ["triton"],
         "clip": ["open_clip_torch"],
         "plot": ["matplotlib"],
-        "dev": ["pytest", "pytest-benchmark", "open_clip_torch", "matplotlib", "triton"],
+        "demo": ["open_clip_torch", "matplotlib", "scikit-learn"],
+        "dev": ["pytest", "pytest-benchmark", "open_clip_torch", "matplotlib", "triton", "scikit-learn"],
     },
     entry_points={"console_scripts": ["modelstock = modelstock.cli:main"]},
 )
