@@ -14,7 +14,6 @@ index, or a ``.pt`` file; always into a temporary file beside the target, rename
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct

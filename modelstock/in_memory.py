@@ -83,46 +83,11 @@ def merge(
     """
     if isinstance(finetuned, (Mapping, nn.Module)):
         raise TypeError("finetuned must be a sequence of state dicts or modules")
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
-    sources = ["base"] + [f"finetuned[{i}]" for i in range(len(finetuned))]
-    sds = [_state_dict(m, s) for m, s in zip([base, *finetuned], sources)]
-    layers = plan_layers([{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds],
-                         sources, granularity=granularity, exclude=exclude)
-    device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
-    fast = resolve_backend(backend, device, compute_dtype) == "triton"
-    if report is not None:
-        report.n, report.granularity, report.clamp, report.eps = len(finetuned), granularity, clamp, eps
-        report.inputs = sources
-
-    out: dict[str, Tensor] = {}
-    all_stats: dict[str, object] = {}
-    kernel_layers = []
-    for layer in layers:
-        tensors = [sd[name] for sd, name in zip(sds, layer.names)]
-        if layer.kind == "copy":
-            all_stats[layer.name] = check_copy(layer, tensors, sources, reference)
-            out[layer.name] = tensors[0].clone()
-        elif fast and layer.kind == "merge":
-            out[layer.name] = torch.empty(layer.shape, dtype=out_dtype or tensors[0].dtype, device=device)
-            kernel_layers.append((layer, tensors))
-        else:
-            flat = [t.reshape(-1).to(device=device, dtype=compute_dtype) for t in tensors]
-            merged, stats = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), sources, reference,
-                                        eps=eps, clamp=clamp)
-            dtype = dtype_name(out_dtype or tensors[0].dtype)
-            out[layer.name] = cast_output(merged, dtype, stats, reference).view(layer.shape)
-            all_stats[layer.name] = stats
-    if kernel_layers:
-        from . import triton_merge
-
-        prepared = triton_merge.Prepared([la for la, _ in kernel_layers],
-                                         [[t.to(device) for t in ts] for _, ts in kernel_layers],
-                                         [out[la.name] for la, _ in kernel_layers])
-        ks = triton_merge.run(prepared, sources, eps=eps, clamp=clamp, stats=report is not None)
-        all_stats.update((la.name, st) for (la, _), st in zip(kernel_layers, ks))
-    if report is not None:
-        report.layers.extend(all_stats[layer.name] for layer in layers)
+    base_sd = _state_dict(base, "base")
+    out = {k: torch.empty(v.shape, dtype=out_dtype if out_dtype is not None and v.is_floating_point() else v.dtype,
+                          device=v.device) for k, v in base_sd.items()}
+    InPlaceMerge([out], base_sd, finetuned, granularity=granularity, clamp=clamp, exclude=exclude, eps=eps,
+                 backend=backend, compute_dtype=compute_dtype)(report)
     return out
 
 
@@ -142,9 +107,13 @@ class InPlaceMerge:
     """
 
     def __init__(self, targets, base, finetuned, *, granularity: str = "tensor", clamp: bool = True,
-                 exclude: Sequence[str] = (), eps: float = EPS, backend: str = "auto"):
+                 exclude: Sequence[str] = (), eps: float = EPS, backend: str = "auto",
+                 compute_dtype: torch.dtype = torch.float32):
         if isinstance(targets, (Mapping, nn.Module)) or isinstance(finetuned, (Mapping, nn.Module)):
             raise TypeError("targets and finetuned must be sequences of state dicts or modules")
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+        self.compute_dtype = compute_dtype
         self.sources = ["base"] + [f"finetuned[{i}]" for i in range(len(finetuned))]
         self.granularity, self.clamp, self.eps = granularity, clamp, eps
         sds = [_state_dict(m, s) for m, s in zip([base, *finetuned], self.sources)]
@@ -153,7 +122,7 @@ class InPlaceMerge:
         dest = [{canonical_name(k): v for k, v in _state_dict(m, f"targets[{i}]").items()}
                 for i, m in enumerate(targets)]
         device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
-        fast = resolve_backend(backend, device) == "triton"
+        fast = resolve_backend(backend, device, compute_dtype) == "triton"
         self._copy, self._torch, kernel = [], [], []
         for layer in self.layers:
             key = canonical_name(layer.name)
@@ -163,7 +132,8 @@ class InPlaceMerge:
             entry = (layer, [sd[name] for sd, name in zip(sds, layer.names)], dest[0][key])
             if layer.kind == "copy":
                 self._copy.append(entry)
-            elif fast and layer.kind == "merge" and entry[2].is_contiguous() and entry[2].is_floating_point():
+            elif (fast and layer.kind == "merge" and entry[2].is_contiguous() and entry[2].is_floating_point()
+                  and all(t.device == entry[2].device for t in entry[1])):
                 kernel.append(entry)
             else:
                 self._torch.append(entry)
@@ -181,7 +151,7 @@ class InPlaceMerge:
             stats[layer.name] = check_copy(layer, tensors, self.sources, reference)
             out.copy_(tensors[0])
         for layer, tensors, out in self._torch:
-            flat = [t.reshape(-1).to(device=out.device, dtype=torch.float32) for t in tensors]
+            flat = [t.reshape(-1).to(device=out.device, dtype=self.compute_dtype) for t in tensors]
             merged, stats[layer.name] = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), self.sources,
                                                     reference, eps=self.eps, clamp=self.clamp)
             out.copy_(cast_output(merged, dtype_name(out.dtype), stats[layer.name], reference).view(layer.shape))

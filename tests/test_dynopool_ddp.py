@@ -2,7 +2,6 @@
 stay identical across ranks and equal the single-process result for the same global batch."""
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
