@@ -43,7 +43,7 @@ def block_size(npad: int) -> int:
     return max(128, min(8192, _ELEMS_PER_PROGRAM // (npad * npad)))
 
 
-def _npad(n: int) -> int:
+def padded_models(n: int) -> int:
     return triton.next_power_of_2(max(n, 2))
 
 
@@ -182,7 +182,7 @@ def gram(inputs: Addresses, tiles: torch.Tensor, seg_tiles: torch.Tensor, n: int
          partials: torch.Tensor | None = None) -> torch.Tensor:
     """(segments, N, N) fp64 Gram matrices of the deltas; ``partials`` is reusable scratch of
     (tiles, NPAD * NPAD) fp32."""
-    npad = _npad(n)
+    npad = padded_models(n)
     num_tiles, num_segs = tiles.shape[0], seg_tiles.shape[0]
     if partials is None or partials.shape != (num_tiles, npad * npad):
         partials = torch.empty(num_tiles, npad * npad, dtype=torch.float32, device=tiles.device)
@@ -198,7 +198,7 @@ def gram(inputs: Addresses, tiles: torch.Tensor, seg_tiles: torch.Tensor, n: int
 def merge(inputs: Addresses, outputs: Addresses, tiles: torch.Tensor, tile_seg: torch.Tensor, t: torch.Tensor,
           n: int, is_aligned: bool) -> None:
     """Write every layer's merged weights (``t``: fp32, one per segment) to the outputs."""
-    npad = _npad(n)
+    npad = padded_models(n)
     if tiles.shape[0]:
         _merge_tiles_kernel[(tiles.shape[0],)](inputs.base, inputs.offs, outputs.base, outputs.offs.view(-1), tiles,
                                                tile_seg, t, n, inputs.offs.stride(0),

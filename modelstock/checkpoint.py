@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .plan import NUMPY_DTYPES, InputError, nbytes
+from .plan import NUMPY_DTYPES, InputError, dtype_name, nbytes
 
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -52,10 +52,6 @@ def to_torch(a: np.ndarray, dtype: str):
     if dtype == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
-
-
-def _torch_dtype_name(t) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 class SafetensorsFile:
@@ -225,7 +221,7 @@ class TorchFile:
         self.metadata: dict[str, str] = {}
 
     def tensors(self):
-        return {n: (_torch_dtype_name(t), tuple(t.shape)) for n, t in self._sd.items()}
+        return {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in self._sd.items()}
 
     def view(self, name):
         return to_numpy(self._sd[name].reshape(-1))
@@ -256,9 +252,9 @@ def unwrap_state_dict(obj, source: str) -> dict:
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise InputError(f"not a state dict: '{bad[0]}' is a {type(obj[bad[0]]).__name__}, not a tensor", source)
-    unsupported = [k for k, v in obj.items() if _torch_dtype_name(v) not in NUMPY_DTYPES]
+    unsupported = [k for k, v in obj.items() if dtype_name(v.dtype) not in NUMPY_DTYPES]
     if unsupported:
-        raise InputError(f"dtype {_torch_dtype_name(obj[unsupported[0]])} is not supported", source, unsupported[0])
+        raise InputError(f"dtype {dtype_name(obj[unsupported[0]].dtype)} is not supported", source, unsupported[0])
     return dict(obj)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from . import stream_math
 from .checkpoint import CheckpointWriter, open_checkpoint, output_paths
 from .layer import cast_output, check_copy, merge_layer
-from .plan import FLOATS, NUMPY_DTYPES, InputError, Layer, nbytes, plan_layers
+from .plan import FLOATS, NUMPY_DTYPES, InputError, Layer, dtype_name, nbytes, plan_layers
 from .ratio import EPS
 from .report import MergeReport
 
@@ -163,8 +163,8 @@ def merge_files(
     if backend not in ("auto", "torch"):
         raise NotImplementedError(f"backend={backend!r}: file merges run on the CPU for now; the Triton "
                                   "kernels serve in-memory merges (modelstock.merge of CUDA tensors)")
-    out_dtype = None if out_dtype is None else _dtype_name(out_dtype)
-    compute_dtype = _dtype_name(compute_dtype)
+    out_dtype = None if out_dtype is None else dtype_name(out_dtype)
+    compute_dtype = dtype_name(compute_dtype)
     if out_dtype is not None and out_dtype not in FLOATS:
         raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
     if compute_dtype not in ("float32", "float64"):
@@ -179,11 +179,6 @@ def merge_files(
     finally:
         for ck in inputs:
             ck.close()
-
-
-def _dtype_name(dtype) -> str:
-    """"float32" for torch.float32 or "float32" (this module takes either, imports no torch)."""
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude, eps, out_dtype,

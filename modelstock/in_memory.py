@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .layer import cast_output, check_copy, merge_layer
-from .plan import InputError, canonical_name, plan_layers
+from .plan import InputError, canonical_name, dtype_name, plan_layers
 from .ratio import EPS
 from .report import MergeReport
 
@@ -39,10 +39,6 @@ def _has_triton() -> bool:
     except ImportError:
         return False
     return True
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _state_dict(m: Mapping[str, Tensor] | nn.Module, source: str) -> Mapping[str, Tensor]:

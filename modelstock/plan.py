@@ -52,6 +52,11 @@ class Layer:
         return math.prod(self.shape)
 
 
+def dtype_name(dtype) -> str:
+    """"bfloat16" for torch.bfloat16 (or for "bfloat16"): the names dtypes go by here."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
 def nbytes(dtype: str, shape: Sequence[int]) -> int:
     return math.prod(shape) * ITEMSIZE[dtype]
 

@@ -47,12 +47,13 @@ def write_synthetic(
     """Write a base and ``n`` fine-tuned safetensors checkpoints into ``out_dir``, streamed one
     tensor at a time (memory stays small for any model size). Returns [base, ft1, ..., ftn]."""
     from .checkpoint import CheckpointWriter
+    from .plan import dtype_name
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(names or ["base"] + [f"ft{i + 1}" for i in range(n)])
     paths = [out_dir / f"{name}.safetensors" for name in names]
-    entries = [(k, str(dtype).removeprefix("torch."), s) for k, s in shapes.items()]
+    entries = [(k, dtype_name(dtype), s) for k, s in shapes.items()]
     g = torch.Generator().manual_seed(seed)
     writers = [CheckpointWriter(p, entries, {"format": "pt", "synthetic": "modelstock.synthetic"}) for p in paths]
     try:

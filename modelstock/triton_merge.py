@@ -32,11 +32,11 @@ class _Group:
         self.layers, self.n = layers, n
         self.inputs = kmerge.Addresses(tensors, device)
         self.outputs = kmerge.Addresses([[o] for o in outs], device)
-        block = kmerge.block_size(kmerge._npad(n))
+        npad = kmerge.padded_models(n)
+        block = kmerge.block_size(npad)
         self.tiles, self.tile_seg, self.seg_tiles = kmerge.tile_table([o.numel() for o in outs], rows, block, device)
         rows_aligned = all(r == 1 or (o.numel() // r) % 8 == 0 for o, r in zip(outs, rows))
         self.aligned = kmerge.aligned(rows_aligned, self.inputs, self.outputs)
-        npad = kmerge._npad(n)
         self.partials = torch.empty(self.tiles.shape[0], npad * npad, dtype=torch.float32, device=device)
         first = [0]
         for r in rows:
@@ -85,7 +85,7 @@ def run(p: Prepared, sources: Sequence[str], *, eps: float, clamp: bool, stats: 
         r = ratio(gram, eps=eps, clamp=clamp)
         finite = torch.isfinite(r.norms).all(1) & torch.isfinite(r.t)
         if not bool(finite.all()):
-            _raise_non_finite(g, finite, r, p.layers, p.tensors, sources)
+            _raise_non_finite(g, finite, p.layers, p.tensors, sources)
         kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, r.t.to(torch.float32), g.n, g.aligned)
         if stats or not clamp:
             host = Ratio(*(x.cpu() for x in (r.norms, r.cos_pairs, r.cos, r.t, r.clamped)))
@@ -99,7 +99,7 @@ def run(p: Prepared, sources: Sequence[str], *, eps: float, clamp: bool, stats: 
     return result if stats else [None] * len(p.layers)
 
 
-def _raise_non_finite(g: _Group, finite: Tensor, r: Ratio, layers, tensors, sources) -> None:
+def _raise_non_finite(g: _Group, finite: Tensor, layers, tensors, sources) -> None:
     bad_seg = int(torch.nonzero(~finite)[0])
     i = next(i for i, (s0, s1) in zip(g.layers, g.segments) if s0 <= bad_seg < s1)
     for t, source, name in zip(tensors[i], sources, layers[i].names):
