@@ -88,8 +88,9 @@ class _Trace:
     def cost(self) -> Tensor:
         factors = {}
         for p, (h, w) in self.pool_inputs.items():
-            (h_hat, h_out), (w_hat, w_out) = (straight_through_size(h, p.alpha[0].double()),
-                                              straight_through_size(w, p.alpha[1].double()))
+            h_out, w_out = p.output_size(h, w)
+            h_hat = straight_through_size(h, p.alpha[0].double(), h_out)
+            w_hat = straight_through_size(w, p.alpha[1].double(), w_out)
             factors[p] = h_hat * w_hat / (h_out * w_out)
         total = torch.zeros((), dtype=torch.float64)
         for macs, ups in self.layers:

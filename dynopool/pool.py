@@ -1,10 +1,13 @@
 """``dynopool2d`` and ``DynOPool2d``: the public face of the operator (dispatch + module)."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import reference, triton_pool
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -14,12 +17,27 @@ def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, *, backend: str = "auto"
     spread (``delta``, in output cells), by bilinear sampling and a max over 4 queries per
     cell. Differentiable in x, alpha and delta; ``alpha`` gets the straight-through gradient
     of the output size. See ``shared/spec/dynopool.md``."""
+    if resolve_backend(backend, x) == "triton":
+        return triton_pool.dynopool2d(x, alpha, delta)
+    return reference.dynopool2d(x, alpha, delta)
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """"auto" sends CUDA tensors in fp32 / fp16 / bf16 to the Triton kernels and everything
+    else to the reference; "triton" also runs CPU tensors under TRITON_INTERPRET=1 (tests)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError("backend='triton': the DynOPool kernels are not part of this release yet; "
-                                  "use backend='torch' (or 'auto')")
-    return reference.dynopool2d(x, alpha, delta)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if x.is_cuda and x.dtype in triton_pool.DTYPES and _has_triton() else "torch"
+    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ValueError("backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
+    return "triton"
+
+
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class DynOPool2d(nn.Module):

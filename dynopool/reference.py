@@ -23,18 +23,24 @@ import torch
 from torch import Tensor
 
 
-def check_inputs(x: Tensor, alpha: Tensor, delta: Tensor) -> None:
+def check_inputs(x: Tensor, alpha: Tensor, delta: Tensor) -> tuple[list[float], list[float]]:
+    """Clear errors for bad input; returns alpha's and delta's values on the host (h, w), read
+    in one transfer: the output size depends on alpha's value, so every call reads it once."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[-2] < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty spatial size, got {tuple(x.shape)}")
     if alpha.numel() != 2 or delta.numel() != 2:
         raise ValueError(f"alpha and delta must hold 2 values (h, w), got {alpha.numel()} and {delta.numel()}")
-    a = alpha.detach().cpu()
+    if alpha.device != x.device or delta.device != x.device:
+        raise ValueError(f"alpha ({alpha.device}) and delta ({delta.device}) must be on x's device ({x.device})")
+    values = torch.cat([alpha.detach().reshape(2), delta.detach().reshape(2)]).to("cpu", torch.float64)
+    a, d = values[:2], values[2:]
     if not bool(torch.isfinite(a).all()) or bool((a <= 0).any()):
         raise ValueError(f"alpha (the inverse scale factor) must be finite and > 0, got {a.tolist()}")
-    if not bool(torch.isfinite(delta.detach().cpu()).all()):
-        raise ValueError(f"delta (the query spread) must be finite, got {delta.detach().cpu().tolist()}")
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError(f"delta (the query spread) must be finite, got {d.tolist()}")
+    return a.tolist(), d.tolist()
 
 
 def output_size(size: int, alpha: float) -> int:
@@ -42,11 +48,10 @@ def output_size(size: int, alpha: float) -> int:
     return max(1, int(torch.round(torch.tensor(size / alpha, dtype=torch.float64))))
 
 
-def straight_through_size(size: int, alpha: Tensor) -> tuple[Tensor, int]:
-    """(size_hat, size_out): size_hat has the value size_out and the gradient of size / alpha."""
+def straight_through_size(size: int, alpha: Tensor, out: int) -> Tensor:
+    """size_hat: the value ``out`` (= output_size(size, alpha)) and the gradient of size / alpha."""
     scaled = size / alpha
-    out = output_size(size, float(alpha.detach()))
-    return out + (scaled - scaled.detach()), out
+    return out + (scaled - scaled.detach())
 
 
 def queries(size: int, out: int, size_hat: Tensor, delta: Tensor) -> Tensor:
@@ -54,7 +59,14 @@ def queries(size: int, out: int, size_hat: Tensor, delta: Tensor) -> Tensor:
     s = size / size_hat
     centres = (torch.arange(out, dtype=size_hat.dtype, device=size_hat.device) + 0.5) * s - 0.5
     spread = torch.stack([-delta * s, delta * s])
-    return (centres[None, :] + spread[:, None]).clamp(0, size - 1)
+    return clamp_coordinates(centres[None, :] + spread[:, None], size)
+
+
+def clamp_coordinates(y: Tensor, size: int) -> Tensor:
+    """y clamped to [0, size - 1], its gradient zero only strictly outside that range (the spec;
+    torch.clamp's own gradient is also zero at the bounds, where the max-pool configuration
+    alpha = 2, delta = 0.25 puts the first and last queries)."""
+    return torch.where((y >= 0) & (y <= size - 1), y, y.detach().clamp(0, size - 1))
 
 
 def _taps(y: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,12 +88,13 @@ def interpolation_matrix(y: Tensor, size: int) -> Tensor:
 
 def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor) -> Tensor:
     """The DynOPool operator; ``alpha`` and ``delta`` are 2-element tensors (h, w)."""
-    check_inputs(x, alpha, delta)
+    a, _ = check_inputs(x, alpha, delta)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     alpha, delta = alpha.to(compute), delta.to(compute)
-    (h_hat, h_out), (w_hat, w_out) = (straight_through_size(x.shape[2], alpha[0]),
-                                      straight_through_size(x.shape[3], alpha[1]))
-    return sample_max(x, h_out, w_out, torch.stack([h_hat, w_hat]), delta)
+    h_out, w_out = output_size(x.shape[2], a[0]), output_size(x.shape[3], a[1])
+    size_hat = torch.stack([straight_through_size(x.shape[2], alpha[0], h_out),
+                            straight_through_size(x.shape[3], alpha[1], w_out)])
+    return sample_max(x, h_out, w_out, size_hat, delta)
 
 
 def sample_max(x: Tensor, h_out: int, w_out: int, size_hat: Tensor, delta: Tensor) -> Tensor:

@@ -19,7 +19,10 @@ def direct(x, alpha, delta):
         s_hat = out + (size / a - (size / a).detach())
         s = size / s_hat
         p = (torch.arange(out, dtype=x.dtype) + 0.5) * s - 0.5
-        return [(p + (2 * k - 1) * d * s).clamp(0, size - 1) for k in (0, 1)]
+        ys = [p + (2 * k - 1) * d * s for k in (0, 1)]
+        # the gradient is zero only strictly outside [0, size - 1] (the spec): a mask, not a where
+        inside = [((y >= 0) & (y <= size - 1)).to(y.dtype) for y in ys]
+        return [y * m + (y.clamp(0, size - 1) * (1 - m)).detach() for y, m in zip(ys, inside)]
 
     ys, us = axis(h, alpha[0], delta[0]), axis(w, alpha[1], delta[1])
 
@@ -170,3 +173,17 @@ def test_module_learns_alpha_and_freezes_delta_on_request():
     pool(x).square().mean().backward()
     assert pool.alpha.grad is not None and bool(torch.isfinite(pool.alpha.grad).all())
     assert pool.delta.grad is None and not pool.delta.requires_grad
+
+
+def test_queries_on_the_border_keep_their_gradient():
+    # alpha = 2, delta = 0.25 on an even size puts the first query exactly on row 0 and the last
+    # on row h - 1: inside [0, h - 1], so delta's gradient flows through them (one-sided toward
+    # the interior at row 0; at row h - 1 the bilinear derivative itself is zero).
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    x[0, 0, 1, :] = 1.0  # the only rise is from row 0 to row 1: d out[0] / d y_00 = 1
+    x[0, 0, 0, :] = 2.0  # the (0, *) queries win cell row 0
+    a, d = params((2.0, 2.0), (0.25, 0.25))
+    out = dynopool2d(x, a, d)
+    (gd,) = torch.autograd.grad(out[0, 0, 0, 0], d)
+    # y_00 = 0.5 * s - 0.5 - delta * s with s = 2: d y_00 / d delta_h = -2; d out / d y_00 = 1 - 2
+    assert gd.tolist() == [2.0, 0.0]

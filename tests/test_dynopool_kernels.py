@@ -1,0 +1,236 @@
+"""DynOPool's Triton kernels (under TRITON_INTERPRET=1 on CPU) against the fp64 reference.
+
+The kernels take their coordinates from a table (kernels.dynopool.coordinates), so the checks
+are split where the rounding is: the table against the reference's fp64 `queries` and their
+fp64 autograd derivatives; the operator (forward, gradients to x, alpha and delta) against the
+fp64 reference evaluated at the table's own coordinates, with bounds from the few fp32
+roundings each output or gradient goes through and one unit in the last place of the stored
+dtype (the interpreter truncates low-precision stores)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynopool import DynOPool2d, dynopool2d
+from dynopool import pool as pool_module
+from dynopool import reference
+from kernels import dynopool as k
+
+from .helpers import assert_within
+
+EPS32 = torch.finfo(torch.float32).eps
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# alpha, delta, (N, C, H, W): downsampling, upsampling (alpha < 1), queries clamped at the
+# borders (large delta), odd and prime sizes, channel counts that are not powers of two.
+CONFIGS = [((1.7, 2.3), (0.31, 0.18), (2, 3, 11, 9)), ((0.73, 1.31), (0.21, 0.43), (1, 2, 5, 7)),
+           ((2.6, 3.1), (0.9, 1.4), (2, 5, 13, 12)), ((1.0, 4.4), (-0.05, 0.27), (1, 3, 8, 17))]
+
+
+def layout(x, channels_last):
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def truth(x, alpha, delta, grad):
+    """fp64 reference at the kernels' coordinates: out, g_x, and (g_alpha, g_delta) as the
+    reduction of the reference's coordinate gradients times fp64 d y / d (alpha, delta)."""
+    n, c, h, w = x.shape
+    a = alpha.detach().double().requires_grad_()
+    d = delta.detach().double().requires_grad_()
+    a_vals = alpha.detach().tolist()
+    h_out, w_out = reference.output_size(h, a_vals[0]), reference.output_size(w, a_vals[1])
+    tab = k.coordinates(alpha.detach().float().to(DEVICE), delta.detach().float().to(DEVICE), h, w, h_out, w_out)
+    tab = tab.cpu().double()
+    yq = tab[: 2 * h_out].clone().requires_grad_()
+    xq = tab[6 * h_out: 6 * h_out + 2 * w_out].clone().requires_grad_()
+    x64 = x.detach().double().contiguous().requires_grad_()
+    out = reference._SeparableMax.apply(x64.reshape(n * c, h, w), yq, xq).view(n, c, h_out, w_out)
+    g_x, g_y, g_u = torch.autograd.grad(out, (x64, yq, xq), grad.double())
+    # d y / d (alpha, delta) in fp64 through the reference's straight-through size and queries
+    jac = []
+    for axis, (size, size_out) in enumerate(((h, h_out), (w, w_out))):
+        y = reference.queries(size, size_out, reference.straight_through_size(size, a[axis], size_out), d[axis])
+        y = y.T.reshape(-1)
+        jac.append(_jacobian(y, a, d, axis))
+    g_alpha = torch.stack([g_y @ jac[0][0], g_u @ jac[1][0]])
+    g_delta = torch.stack([g_y @ jac[0][1], g_u @ jac[1][1]])
+    # scales for the bounds: sum over outputs of |grad| |d q / d y| |factor|, and g_x with |grad|
+    (g_x_abs,) = torch.autograd.grad(
+        reference._SeparableMax.apply(x64.reshape(n * c, h, w), yq.detach(), xq.detach()).view(out.shape),
+        x64, grad.double().abs())
+    big = x64.detach().abs().max()
+    factor = max(float(jac[0].abs().max()), float(jac[1].abs().max()))
+    coord_scale = grad.double().abs().sum() * 2 * big * factor
+    return out.detach(), g_x, g_alpha, g_delta, g_x_abs, coord_scale, big
+
+
+def _jacobian(y, a, d, axis):
+    rows = [torch.autograd.grad(y[r], (a, d), retain_graph=True, allow_unused=True) for r in range(y.numel())]
+    da = torch.stack([(ga if ga is not None else torch.zeros(2, dtype=y.dtype))[axis] for ga, _ in rows])
+    dd = torch.stack([(gd if gd is not None else torch.zeros(2, dtype=y.dtype))[axis] for _, gd in rows])
+    return torch.stack([da, dd])
+
+
+def ulp(t, dtype):
+    return torch.finfo(dtype).eps * t.abs()
+
+
+def check_operator(x, alpha, delta):
+    """dynopool2d(backend="triton") forward and every gradient against `truth`."""
+    xk = x.detach().to(DEVICE).requires_grad_()  # .to keeps the strides of a dense layout
+    a = alpha.detach().to(DEVICE).requires_grad_()
+    d = delta.detach().to(DEVICE).requires_grad_()
+    out = dynopool2d(xk, a, d, backend="triton")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(x.dtype)
+    out.backward(grad.to(DEVICE))
+    out = out.cpu()
+    want, g_x, g_alpha, g_delta, g_x_abs, coord_scale, big = truth(x, alpha, delta, grad)
+    assert out.shape == want.shape and out.dtype == x.dtype
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    # each output: 3 fp32 roundings per interpolation, 3 interpolations, then the stored dtype
+    assert_within(out, want, 8 * EPS32 * big + ulp(want, x.dtype), "forward")
+    # each x gradient: a sum of grad * weight products, then the stored dtype
+    assert xk.grad.dtype == x.dtype
+    if xk.is_contiguous() or xk.is_contiguous(memory_format=torch.channels_last):
+        assert xk.grad.stride() == xk.stride()
+    assert_within(xk.grad, g_x, 4 * EPS32 * g_x_abs + ulp(g_x, x.dtype), "grad x")
+    # alpha, delta: ~6 roundings per term, a <= 1024-term fp32 tree sum per program (10 levels)
+    tol = torch.full((2,), 20 * EPS32 * float(coord_scale), dtype=torch.float64)
+    assert_within(a.grad, g_alpha, tol, "grad alpha")
+    assert_within(d.grad, g_delta, tol, "grad delta")
+
+
+@pytest.mark.parametrize("alpha,delta,shape", CONFIGS)
+def test_coordinate_table_matches_fp64_queries_and_derivatives(alpha, delta, shape):
+    h, w = shape[2:]
+    # the fp64 truth at the fp32 parameters the kernel reads
+    a = torch.tensor(alpha, dtype=torch.float32).double().requires_grad_()
+    d = torch.tensor(delta, dtype=torch.float32).double().requires_grad_()
+    sizes = [reference.output_size(h, alpha[0]), reference.output_size(w, alpha[1])]
+    tab = k.coordinates(a.detach().float().to(DEVICE), d.detach().float().to(DEVICE), h, w, *sizes).cpu().double()
+    start = 0
+    for axis, (size, size_out) in enumerate(((h, sizes[0]), (w, sizes[1]))):
+        y = reference.queries(size, size_out, reference.straight_through_size(size, a[axis], size_out), d[axis])
+        y = y.T.reshape(-1)  # interleaved r = 2 i + k, as the table
+        fa, fd = _jacobian(y, a, d, axis)
+        s = size / size_out
+        # s, the centre, the spread and their sum each round once in fp32
+        y_tol = torch.full_like(y, 4 * EPS32 * (size + abs(delta[axis]) * s + 1))
+        assert_within(tab[start: start + 2 * size_out], y.detach(), y_tol, f"y axis {axis}")
+        assert_within(tab[start + 2 * size_out: start + 4 * size_out], fa, 16 * EPS32 * fa.abs(), f"dy/dalpha {axis}")
+        assert_within(tab[start + 4 * size_out: start + 6 * size_out], fd, 16 * EPS32 * fd.abs(), f"dy/ddelta {axis}")
+        start += 6 * size_out
+
+
+@pytest.mark.parametrize("alpha,delta,shape", CONFIGS)
+def test_ranges_are_the_cells_whose_taps_touch_each_row(alpha, delta, shape):
+    h, w = shape[2:]
+    sizes = [reference.output_size(h, alpha[0]), reference.output_size(w, alpha[1])]
+    tab = k.coordinates(torch.tensor(alpha, device=DEVICE), torch.tensor(delta, device=DEVICE), h, w, *sizes)
+    rng = k.ranges(tab, h, w, *sizes).cpu()
+    tab = tab.cpu()
+    start = 0
+    for axis, (size, size_out) in enumerate(((h, sizes[0]), (w, sizes[1]))):
+        y = tab[start: start + 2 * size_out].view(size_out, 2)
+        taps = torch.stack([y.floor(), (y.floor() + 1).clamp(max=size - 1)])  # (2, out, k)
+        for row in range(size):
+            lo0, hi0, lo1, hi1 = rng[row + (h if axis else 0)].tolist()
+            for fam, (lo, hi) in enumerate(((lo0, hi0), (lo1, hi1))):
+                touching = {i for i in range(size_out) if (taps[:, i, fam] == row).any()}
+                assert touching <= set(range(lo, hi)), (axis, row, fam)
+                # and nothing in the range is more than one row away
+                assert all(row - 1 <= float(y[i, fam]) < row + 1 for i in range(lo, hi)), (axis, row, fam)
+        start += 6 * size_out
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("alpha,delta,shape", CONFIGS)
+def test_operator_fp32_matches_fp64_reference(alpha, delta, shape, channels_last):
+    torch.manual_seed(11)
+    x = layout(torch.randn(shape), channels_last)
+    check_operator(x, torch.tensor(alpha), torch.tensor(delta))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("alpha,delta,shape", CONFIGS[:3:2])
+def test_operator_low_precision_matches_fp64_reference(alpha, delta, shape, dtype, channels_last):
+    torch.manual_seed(12)
+    x = layout(torch.randn(shape).to(dtype), channels_last)
+    check_operator(x, torch.tensor(alpha), torch.tensor(delta))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_several_blocks_and_non_contiguous_views(monkeypatch, channels_last):
+    # blocks of 8 elements: several column and channel blocks, partial last blocks
+    monkeypatch.setattr(k, "_ELEMS", 8)
+    torch.manual_seed(13)
+    big = layout(torch.randn(2, 7, 9, 14), channels_last)
+    check_operator(big[:, 1:6, 2:, 1:-2], torch.tensor([1.45, 1.8]), torch.tensor([0.3, 0.2]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 2), (3, 5, 14, 10)])
+def test_equals_max_pool2d_at_alpha_2_delta_quarter(shape, dtype, channels_last):
+    x = layout(torch.randn(shape).to(dtype).to(DEVICE), channels_last).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    out = dynopool2d(x, torch.tensor([2.0, 2.0], device=DEVICE), torch.tensor([0.25, 0.25], device=DEVICE),
+                     backend="triton")
+    want = F.max_pool2d(x2, 2)
+    assert torch.equal(out, want)
+    grad = torch.randn(want.shape).to(dtype).to(DEVICE)
+    out.backward(grad)
+    want.backward(grad)
+    assert torch.equal(x.grad, x2.grad)
+
+
+def test_ties_go_to_the_first_query_and_nan_propagates():
+    x = torch.ones(1, 2, 6, 6, device=DEVICE, requires_grad=True)
+    a, d = torch.tensor([2.0, 2.0], device=DEVICE), torch.tensor([0.25, 0.25], device=DEVICE)
+    dynopool2d(x, a, d, backend="triton").sum().backward()
+    want = torch.zeros(6, 6)
+    want[0::2, 0::2] = 1
+    assert torch.equal(x.grad[0, 0].cpu(), want) and torch.equal(x.grad[0, 1].cpu(), want)
+    # NaN wins the max (as in max_pool2d) and reaches exactly the outputs one of whose 16 taps
+    # is the NaN pixel (the reference's matrix product along W spreads it over the whole row)
+    y = torch.randn(1, 1, 9, 8)
+    y[0, 0, 4, 2] = float("nan")
+    a, d = torch.tensor([1.7, 2.3]), torch.tensor([0.3, 0.2])
+    out = dynopool2d(y.to(DEVICE), a.to(DEVICE), d.to(DEVICE), backend="triton").cpu()
+
+    def touches(size, alpha, delta, pixel):
+        out_size = reference.output_size(size, alpha)
+        q = reference.queries(size, out_size, torch.tensor(float(out_size)), torch.tensor(delta)).floor()
+        return ((q == pixel) | ((q + 1).clamp(max=size - 1) == pixel)).any(0)  # (out,)
+
+    want = touches(9, 1.7, 0.3, 4)[:, None] & touches(8, 2.3, 0.2, 2)[None, :]
+    assert 0 < int(want.sum()) < want.numel() and torch.equal(out[0, 0].isnan(), want)
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(14)
+    x = torch.randn(1, 2, 7, 6, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        xk = x.clone().requires_grad_()
+        a = torch.tensor([0.8, 1.3], device=DEVICE, requires_grad=True)
+        d = torch.tensor([0.4, 0.3], device=DEVICE, requires_grad=True)
+        dynopool2d(xk, a, d, backend="triton").pow(2).sum().backward()
+        grads.append((xk.grad, a.grad, d.grad))
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(*grads))
+
+
+def test_module_and_backend_choice(monkeypatch):
+    x = torch.randn(2, 3, 9, 9, device=DEVICE)
+    pool = DynOPool2d(alpha=1.5, delta=0.3, backend="triton").to(DEVICE)
+    out = pool(x)
+    assert out.shape == (2, 3, *pool.output_size(9, 9))
+    out.sum().backward()
+    assert pool.alpha.grad is not None and pool.delta.grad is not None
+    assert pool_module.resolve_backend("auto", x.cpu()) == "torch"  # CPU tensors: the reference
+    assert pool_module.resolve_backend("auto", x.cpu().double()) == "torch"
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        dynopool2d(x.double(), pool.alpha, pool.delta, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        pool_module.resolve_backend("triton", x.cpu())
