@@ -5,7 +5,8 @@
 # 1. with SWEEP=1 only: a sweep of the merge kernels' two tuning knobs on ViT-bigG-14 (Triton
 #    only), whose best setting the next steps then use;
 # 2. the test suite with the Triton kernels on CUDA;
-# 3. the GPU benchmark (Triton vs loop vs foreach).
+# 3. the GPU benchmarks: merge (Triton vs loop vs foreach), DynOPool (Triton vs reference vs
+#    max_pool2d; with SWEEP=1 first a sweep of its kernels' elements/warps per program).
 # Logs and JSON records go under $OUT (default benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,4 +35,12 @@ done
 if [ -n "$best" ]; then set -- $best; export MODELSTOCK_MERGE_ELEMS=$1 MODELSTOCK_MERGE_WARPS=$2; echo "best: $best" | tee -a "$OUT/gpu-sweep.txt"; fi
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -30 | tee "$OUT/gpu-tests.log" || status=1
 timeout 200 python3 benchmarks/gpu_merge.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" || status=1
+dyn=("1024 4")
+[ "${SWEEP:-0}" = 1 ] && dyn=("512 4" "1024 4" "2048 8")
+for cfg in "${dyn[@]}"; do
+    set -- $cfg
+    tag=""; [ ${#dyn[@]} -gt 1 ] && tag="-sweep-$1-$2"
+    MODELSTOCK_DYNOPOOL_ELEMS=$1 MODELSTOCK_DYNOPOOL_WARPS=$2 timeout 200 python3 benchmarks/gpu_dynopool.py \
+        --out "$OUT" --tag="$tag" 2>&1 | tee -a "$OUT/gpu-bench-dynopool.log" || status=1
+done
 exit $status

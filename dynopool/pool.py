@@ -12,6 +12,10 @@ from . import reference, triton_pool
 BACKENDS = ("auto", "torch", "triton")
 
 
+# The output size is alpha's value rounded: data-dependent, read on the host. Under
+# torch.compile the operator is one graph break (rather than one per host read inside it);
+# the compiled regions around it keep static shapes and recompile when a rounded size changes.
+@torch.compiler.disable
 def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, *, backend: str = "auto") -> Tensor:
     """DynOPool: learnable output size (``alpha`` = inverse scale per axis, (h, w)) and query
     spread (``delta``, in output cells), by bilinear sampling and a max over 4 queries per

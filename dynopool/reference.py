@@ -123,7 +123,8 @@ class _SeparableMax(torch.autograd.Function):
     raster scan keeps the first of equal values: (0,0), (0,1), (1,0), (1,1), the spec's tie
     order. The backward routes each output's gradient to its winning query; the coordinates'
     gradients are the differences of the two taps (one-sided at integers, zero when both taps
-    are the last sample)."""
+    are the last sample). A NaN in x reaches every query of its row here (0 * NaN in the
+    product); the spec's bilinear, and the Triton kernels, read 4 taps only."""
 
     @staticmethod
     def forward(ctx, x3: Tensor, yq: Tensor, xq: Tensor) -> Tensor:

@@ -46,10 +46,8 @@ class DynOPoolFunction(torch.autograd.Function):
         return g_x, g_alpha, g_delta, None, None
 
 
-@torch.compiler.disable
 def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor) -> Tensor:
-    """DynOPool on the kernels. Under torch.compile this is one graph break: the output size
-    is read from alpha's value on the host (see the README)."""
+    """DynOPool on the kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
     if x.dtype not in DTYPES:
         raise ValueError(f"backend='triton' takes fp32, fp16 or bf16 inputs, got {x.dtype}; "
                          "use backend='torch' (the reference) for others")

@@ -234,3 +234,38 @@ def test_module_and_backend_choice(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="CUDA tensors"):
         pool_module.resolve_backend("triton", x.cpu())
+
+
+def test_gpu_benchmark_script_writes_its_record(tmp_path):
+    # the script a lent GPU runs (benchmarks/gpu_check.sh), on tiny shapes here
+    from benchmarks import gpu_dynopool
+
+    record = gpu_dynopool.run(tmp_path, dtypes=["float32"], shapes=[(2, 3, 8, 9)], device=DEVICE)
+    (case,) = record["cases"]
+    assert record["suite"] == "dynopool" and set(case["ms"]) == {"triton", "reference", "max_pool2d"}
+    assert case["max_abs_diff_vs_reference"]["out"] < 1e-5
+    assert len(list(tmp_path.glob("gpu-dynopool-*.json"))) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_model_matches_eager_across_a_size_change(backend):
+    torch.manual_seed(15)
+    torch._dynamo.reset()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DynOPool2d(1.7, 0.3, backend=backend),
+                              torch.nn.Conv2d(4, 2, 3)).to(DEVICE)
+    compiled = torch.compile(net, backend="aot_eager")
+    x = torch.randn(2, 3, 12, 12, device=DEVICE)
+    sizes = set()
+    for _ in range(3):
+        results = []
+        for model in (compiled, net):
+            net.zero_grad()
+            out = model(x)
+            out.square().sum().backward()
+            results.append([out.detach()] + [p.grad.clone() for p in net.parameters()])
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        sizes.add(tuple(results[0][0].shape))
+        with torch.no_grad():
+            net[1].alpha.add_(0.2)  # 12 / 1.7 -> 7 cells, 12 / 2.1 -> 6 cells
+    assert len(sizes) == 2
