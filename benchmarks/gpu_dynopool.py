@@ -11,19 +11,17 @@ from the reference's in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import gpu_record  # noqa: E402
 from dynopool import dynopool2d  # noqa: E402
 
 SHAPES = [(128, 64, 112, 112), (128, 256, 56, 56), (128, 512, 28, 28), (128, 1024, 14, 14)]
@@ -113,25 +111,12 @@ def run(out_dir: Path, dtypes=("float32", "bfloat16"), only=None, tag="", shapes
                 torch.cuda.empty_cache()
     from kernels import dynopool as kdyn
 
-    record = {
-        "suite": "dynopool", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
-        "alpha": list(ALPHA), "delta": list(DELTA),
-        "config": {"elems_per_program": kdyn._ELEMS, "num_warps": kdyn._NUM_WARPS}, "cases": cases,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gpu-dynopool{tag}-{record['device'].replace(' ', '_')}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
+    record = {**gpu_record.header("dynopool", device), "alpha": list(ALPHA), "delta": list(DELTA),
+              "config": {"elems_per_program": kdyn._ELEMS, "num_warps": kdyn._NUM_WARPS}, "cases": cases}
+    gpu_record.write(record, out_dir, tag)
     return record
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--only", nargs="+", help="implementations to time (default: all)")
-    ap.add_argument("--tag", default="", help="file name tag, e.g. -sweep-2048-8")
-    args = ap.parse_args()
+    args = gpu_record.arg_parser(__doc__).parse_args()
     run(Path(args.out), args.dtypes, args.only, args.tag)

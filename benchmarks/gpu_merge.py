@@ -10,19 +10,16 @@ device-to-device copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import gpu_record  # noqa: E402
 import modelstock  # noqa: E402
 from modelstock.synthetic import clip_shapes  # noqa: E402
 
@@ -116,25 +113,15 @@ def run(models, out_dir: Path, dtypes=("float32", "bfloat16"), only=None, tag=""
             torch.cuda.empty_cache()
     from kernels import merge as kmerge
 
-    record = {
-        "suite": "merge", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
-        "config": {"elems_per_program": kmerge._ELEMS_PER_PROGRAM, "num_warps": kmerge._NUM_WARPS},
-        "copy_gbps": copy_gbps(4 << 30, device), "cases": cases,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gpu-merge{tag}-{record['device'].replace(' ', '_')}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
+    record = {**gpu_record.header("merge", device),
+              "config": {"elems_per_program": kmerge._ELEMS_PER_PROGRAM, "num_warps": kmerge._NUM_WARPS},
+              "copy_gbps": copy_gbps(4 << 30, device), "cases": cases}
+    gpu_record.write(record, out_dir, tag)
     return record
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap = gpu_record.arg_parser(__doc__)
     ap.add_argument("--models", nargs="+", default=["ViT-L-14", "ViT-bigG-14"])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--only", nargs="+", help="implementations to time (default: all)")
-    ap.add_argument("--tag", default="", help="file name tag, e.g. -sweep-16384-8")
     args = ap.parse_args()
     run(args.models, Path(args.out), args.dtypes, args.only, args.tag)
