@@ -71,6 +71,32 @@ def foreach_merge(base, fts):
     return dict(zip(base, torch._foreach_add(w0, d1)))
 
 
+def passes(merger, bytes_read: int, total_ms: float) -> dict:
+    """Where the Triton merge's time goes: the Gram pass alone, the merge pass alone (each with
+    its GB/s: inputs read once; plus the output written for the merge pass), and the rest (the
+    ratio's small torch ops between them and the host's NaN check). Overwrites the outputs."""
+    from kernels import merge as kmerge
+
+    groups = merger._kernel.groups
+
+    def gram():
+        for g in groups:
+            kmerge.gram(g.inputs, g.tiles, g.seg_tiles, g.n, g.aligned, g.partials)
+
+    ratios = [torch.full((g.seg_tiles.shape[0],), 0.5, device=g.tiles.device) for g in groups]
+
+    def merge():
+        for g, t in zip(groups, ratios):
+            kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, t, g.n, g.aligned)
+
+    gram_ms = do_bench(gram, warmup=50, rep=300, return_mode="median")
+    merge_ms = do_bench(merge, warmup=50, rep=300, return_mode="median")
+    written = bytes_read // 3
+    return {"gram_ms": gram_ms, "gram_gbps": bytes_read / gram_ms / 1e6,
+            "merge_ms": merge_ms, "merge_gbps": (bytes_read + written) / merge_ms / 1e6,
+            "rest_ms": total_ms - gram_ms - merge_ms}
+
+
 def copy_gbps(nbytes: int, device) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
@@ -107,6 +133,8 @@ def run(models, out_dir: Path, dtypes=("float32", "bfloat16"), only=None, tag=""
             err = max(float((out[k].float() - want[k].float()).abs().max()) for k in base)
             case = {"name": name, "dtype": str(dtype).removeprefix("torch."), "params": params, "bytes": bytes_min,
                     "ms": ms, "gbps": {k: bytes_min / v / 1e6 for k, v in ms.items()}, "max_abs_diff_vs_torch": err}
+            if "triton" in ms:
+                case["passes"] = passes(merger, params * dtype.itemsize * 3, ms["triton"])
             print(json.dumps(case), flush=True)
             cases.append(case)
             del base, fts, out, want, merger, fns

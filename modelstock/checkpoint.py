@@ -135,6 +135,20 @@ class SafetensorsFile:
         """The tensor, in memory (a copy)."""
         return self.view(name).reshape(self._entries[name][1]).copy()
 
+    def read_into(self, name: str, dest: np.ndarray) -> None:
+        """The tensor's bytes into ``dest`` (uint8, its exact size; e.g. pinned memory for a
+        copy to a GPU), by pread: no mapping, no page faults in the caller's buffer."""
+        _, _, start, end = self._entries[name]
+        if dest.nbytes != end - start:
+            raise ValueError(f"{name}: {end - start} bytes into a buffer of {dest.nbytes}")
+        view = memoryview(dest.reshape(-1).view(np.uint8))
+        pos = 0
+        while pos < len(view):
+            got = os.preadv(self._fd, [view[pos: pos + _MAX_IO]], self._data_start + start + pos)
+            if got <= 0:
+                raise InputError("truncated while open (a read came back short)", self.path, name)
+            pos += got
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -186,6 +200,9 @@ class ShardedSafetensors:
     def read(self, name):
         return self._where[name].read(name)
 
+    def read_into(self, name, dest):
+        self._where[name].read_into(name, dest)
+
     def close(self):
         for s in self._shards.values():
             s.close()
@@ -228,6 +245,9 @@ class TorchFile:
 
     def read(self, name):
         return to_numpy(self._sd[name]).copy()
+
+    def read_into(self, name, dest):
+        dest.reshape(-1).view(np.uint8)[:] = self.view(name).view(np.uint8)
 
     def close(self):
         self._sd = {}

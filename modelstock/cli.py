@@ -27,8 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensors matching GLOB get the plain average of the fine-tuned models (repeatable)")
     m.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's, per tensor)")
-    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the arithmetic runs (auto: cpu; cuda is not built yet for files)")
+    m.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N}",
+                   help="where the arithmetic runs: cpu (numpy, no torch needed) or a GPU (Triton kernels, "
+                   "chunks streamed through pinned buffers)")
+    m.add_argument("--chunk-size", default="256MiB", metavar="SIZE",
+                   help="with --device cuda: input bytes per chunk; two chunks are in flight on each side")
     m.add_argument("--shard-size", metavar="SIZE", help="split the safetensors output into shards of at most "
                    "SIZE (e.g. 2GB, 500MiB) with a Hugging Face index")
     m.add_argument("--report", metavar="FILE.json", help="write the per-layer figures as JSON")
@@ -59,15 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     from .files import merge_files  # numpy only: torch is imported just for torch-format files
     from .plan import InputError
 
-    if args.device == "cuda":
-        return _fail("--device cuda: file-to-file merges on the GPU are not built yet; use --device cpu "
-                     "(or modelstock.merge on CUDA tensors)")
     try:
         report = merge_files(
             args.checkpoints[0], args.checkpoints[1:], args.output,
             granularity=args.granularity, clamp=not args.no_clamp, exclude=args.exclude,
             out_dtype=DTYPES[args.dtype] if args.dtype else None,
-            shard_size=args.shard_size, force=args.force, durable=args.fsync, progress=not args.quiet and sys.stderr.isatty())
+            shard_size=args.shard_size, force=args.force, durable=args.fsync, device=args.device,
+            chunk_size=args.chunk_size, progress=not args.quiet and sys.stderr.isatty())
     except InputError as e:
         return _fail(str(e))
     except ValueError as e:  # a bad option value (shard size, granularity)

@@ -144,6 +144,8 @@ def merge_files(
     force: bool = False,
     durable: bool = False,
     progress: bool = False,
+    device: str = "cpu",
+    chunk_size: int | str = "256MiB",
 ) -> MergeReport:
     """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
 
@@ -154,35 +156,52 @@ def merge_files(
     shards with an index. The output keeps the base's metadata and records the merge's.
     Nothing is written unless the whole merge succeeds (files are renamed into place at the
     end); ``durable`` also fsyncs them, so they survive a power cut.
+
+    ``device="cuda"`` (or "cuda:N") runs the arithmetic on that GPU (the Triton kernels, or
+    the torch reference with ``backend="torch"`` or ``compute_dtype="float64"``): layers go
+    in chunks of about ``chunk_size`` input bytes (or one layer, if larger) through pinned
+    host buffers and copy streams, so reading, copying, computing and writing overlap and
+    memory stays at two chunks on each side (see ``modelstock/device_files.py``).
     """
     start = time.perf_counter()
     if isinstance(finetuned, (str, os.PathLike)):
         raise TypeError("finetuned must be a sequence of paths")
     if len(finetuned) < 2:
         raise InputError(f"needs at least two fine-tuned checkpoints, got {len(finetuned)}")
-    if backend not in ("auto", "torch"):
-        raise NotImplementedError(f"backend={backend!r}: file merges run on the CPU for now; the Triton "
-                                  "kernels serve in-memory merges (modelstock.merge of CUDA tensors)")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if device != "cpu" and not str(device).startswith("cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if backend == "triton" and device == "cpu":
+        raise ValueError("backend='triton' merges files on a GPU: pass device='cuda' (the CPU merge runs on numpy)")
     out_dtype = None if out_dtype is None else dtype_name(out_dtype)
     compute_dtype = dtype_name(compute_dtype)
     if out_dtype is not None and out_dtype not in FLOATS:
         raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
     if compute_dtype not in ("float32", "float64"):
         raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
+    chunk_bytes = _parse_size(chunk_size)
+    if not chunk_bytes or chunk_bytes <= 0:
+        raise ValueError(f"chunk_size must be a positive size, got {chunk_size!r}")
+    if device != "cpu":
+        from .device_files import check_device
+
+        device = check_device(device)
     inputs = []
     try:
         for path in [base, *finetuned]:
             inputs.append(open_checkpoint(path))
         return _merge_open(inputs, Path(out), start, granularity=granularity, clamp=clamp, exclude=exclude,
                            eps=eps, out_dtype=out_dtype, compute_dtype=compute_dtype,
-                           shard_size=_parse_size(shard_size), force=force, durable=durable, progress=progress)
+                           shard_size=_parse_size(shard_size), force=force, durable=durable, progress=progress,
+                           device=None if device == "cpu" else device, chunk_bytes=chunk_bytes, backend=backend)
     finally:
         for ck in inputs:
             ck.close()
 
 
 def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude, eps, out_dtype,
-                compute_dtype, shard_size, force, durable, progress) -> MergeReport:
+                compute_dtype, shard_size, force, durable, progress, device, chunk_bytes, backend) -> MergeReport:
     sources = [ck.path for ck in inputs]
     layers = plan_layers([ck.tensors() for ck in inputs], sources, granularity=granularity, exclude=exclude)
     entries = [(layer.name, layer.dtypes[0] if layer.kind == "copy" else (out_dtype or layer.dtypes[0]),
@@ -197,6 +216,38 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
         "exclude": list(exclude), "base": os.path.basename(sources[0]),
         "finetuned": [os.path.basename(s) for s in sources[1:]]})
 
+    report.bytes_read = sum(nbytes(d, layer.shape) for layer in layers for d in layer.dtypes)
+    report.bytes_written = sum(nbytes(d, s) for _, d, s in entries)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=report.bytes_read, unit="B", unit_scale=True, desc="merging", leave=False)
+    options = dict(eps=eps, clamp=clamp, compute_dtype=compute_dtype)
+    try:
+        with CheckpointWriter(out, entries, metadata, shard_size, durable) as writer:
+            with _Writer(writer) as write:
+                if device is None:
+                    _stream(inputs, layers, entries, write, report, bar, **options)
+                else:
+                    from . import device_files
+
+                    device_files.stream(inputs, layers, entries, write, report, bar, device=device,
+                                        granularity=granularity, exclude=exclude, chunk_bytes=chunk_bytes,
+                                        backend=backend, **options)
+            report.output = [str(p) for p in writer.commit()]
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar, *, eps, clamp,
+            compute_dtype) -> None:
+    """The CPU merge: the reader thread maps layers ahead, this thread computes on numpy, the
+    writer writes; appends each layer's figures to ``report`` in order."""
+    sources = report.inputs
     floats = [layer for layer in layers if layer.kind != "copy"]
     buffer_elems = {layer.name: _buffer_elems(layer, dtype, compute_dtype)
                     for layer, (_, dtype, _) in zip(layers, entries) if layer.kind != "copy"}
@@ -204,53 +255,37 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
     ring = _Ring(min(sum(buffer_elems.values()), max(buffer_elems.values(), default=0) + _READ_AHEAD_BYTES // itemsize),
                  compute_dtype)
     mapped = _Budget(max((_mapped_bytes(layer) for layer in floats), default=0) + _READ_AHEAD_BYTES)
-    report.bytes_read = sum(nbytes(d, layer.shape) for layer in layers for d in layer.dtypes)
-    report.bytes_written = sum(nbytes(d, s) for _, d, s in entries)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=report.bytes_read, unit="B", unit_scale=True, desc="merging", leave=False)
-
     ready: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_layers, daemon=True,
                               args=(inputs, layers, buffer_elems, ring, mapped, compute_dtype, ready))
     reader.start()
     try:
-        with CheckpointWriter(out, entries, metadata, shard_size, durable) as writer:
-            with _Writer(writer) as write:
-                for layer, (_, dtype, _) in zip(layers, entries):
-                    item = ready.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    if layer.kind == "copy":
-                        stats = check_copy(layer, item, sources, stream_math)
-                        write(layer.name, item[0])
-                    else:
-                        (w0, *ws), region = item
-                        out_buf = region[: layer.numel]
-                        merged, stats = merge_layer(layer, w0, ws, out_buf, sources, stream_math, eps=eps, clamp=clamp)
-                        spare = None
-                        if dtype != compute_dtype:  # the region's tail is reserved for the cast
-                            spare = region[region.size - _cast_elems(layer, dtype, compute_dtype):]
-                            spare = spare.view(np.uint8)[: nbytes(dtype, layer.shape)].view(NUMPY_DTYPES[dtype])
-                        merged = cast_output(merged, dtype, stats, stream_math, out=spare)
-                        # The inputs' mappings are released with the region, once written.
-                        write(layer.name, merged.reshape(layer.shape), release=_releaser(ring, mapped, layer))
-                        del w0, ws, item
-                    report.layers.append(stats)
-                    if bar is not None:
-                        bar.update(sum(nbytes(d, layer.shape) for d in layer.dtypes))
-            report.output = [str(p) for p in writer.commit()]
+        for layer, (_, dtype, _) in zip(layers, entries):
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            if layer.kind == "copy":
+                stats = check_copy(layer, item, sources, stream_math)
+                write(layer.name, item[0])
+            else:
+                (w0, *ws), region = item
+                out_buf = region[: layer.numel]
+                merged, stats = merge_layer(layer, w0, ws, out_buf, sources, stream_math, eps=eps, clamp=clamp)
+                spare = None
+                if dtype != compute_dtype:  # the region's tail is reserved for the cast
+                    spare = region[region.size - _cast_elems(layer, dtype, compute_dtype):]
+                    spare = spare.view(np.uint8)[: nbytes(dtype, layer.shape)].view(NUMPY_DTYPES[dtype])
+                merged = cast_output(merged, dtype, stats, stream_math, out=spare)
+                # The inputs' mappings are released with the region, once written.
+                write(layer.name, merged.reshape(layer.shape), release=_releaser(ring, mapped, layer))
+                del w0, ws, item
+            report.layers.append(stats)
+            if bar is not None:
+                bar.update(sum(nbytes(d, layer.shape) for d in layer.dtypes))
     finally:
         ring.close()
         mapped.close()
         reader.join()
-        if bar is not None:
-            bar.close()
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _mapped_bytes(layer: Layer) -> int:
@@ -291,7 +326,8 @@ class _Writer:
             name, tensor, release = item
             try:
                 if self._error is None:
-                    self._writer.write(name, tensor)
+                    # a function stands for an array that is not ready yet (a copy from a GPU)
+                    self._writer.write(name, tensor() if callable(tensor) else tensor)
             except BaseException as e:
                 self._error = e
             finally:

@@ -104,13 +104,14 @@ class InPlaceMerge:
 
     def __init__(self, targets, base, finetuned, *, granularity: str = "tensor", clamp: bool = True,
                  exclude: Sequence[str] = (), eps: float = EPS, backend: str = "auto",
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, sources: Sequence[str] | None = None):
         if isinstance(targets, (Mapping, nn.Module)) or isinstance(finetuned, (Mapping, nn.Module)):
             raise TypeError("targets and finetuned must be sequences of state dicts or modules")
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
         self.compute_dtype = compute_dtype
-        self.sources = ["base"] + [f"finetuned[{i}]" for i in range(len(finetuned))]
+        # how errors name the inputs (file merges pass the paths)
+        self.sources = list(sources) if sources else ["base"] + [f"finetuned[{i}]" for i in range(len(finetuned))]
         self.granularity, self.clamp, self.eps = granularity, clamp, eps
         sds = [_state_dict(m, s) for m, s in zip([base, *finetuned], self.sources)]
         self.layers = plan_layers([{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds],

@@ -168,3 +168,20 @@ def test_open_clip_vit_b_32_merged_by_cli_loads_strict_and_runs(tmp_path):
     avg = (fts[0][k] + fts[1][k]) / 2
     t = ((sd[k] - base[k]) * (avg - base[k])).sum() / ((avg - base[k]) ** 2).sum()
     assert 0.3 < float(t) < 1.0  # shared direction: cos ~ 0.5, t = 2 cos / (1 + cos) ~ 0.67
+
+
+def test_device_cuda_runs_the_gpu_pipeline_or_says_why_not(ckpts, capsys, monkeypatch):
+    from modelstock import device_files
+
+    from .test_device_files import check_output
+
+    tmp, paths, base, fts = ckpts
+    if not torch.cuda.is_available():
+        assert main(["merge", *paths, "-o", str(tmp / "o.safetensors"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA device" in err[0]
+        # the same pipeline on CPU tensors, the kernels under the interpreter
+        monkeypatch.setattr(device_files, "check_device", lambda device: torch.device("cpu"))
+    rc = main(["merge", *paths, "-o", str(tmp / "o.safetensors"), "--device", "cuda", "--chunk-size", "2KB"])
+    assert rc == 0 and "Merged 2 fine-tuned checkpoints" in capsys.readouterr().out
+    check_output(load_file(tmp / "o.safetensors"), base, fts)
