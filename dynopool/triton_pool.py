@@ -27,7 +27,6 @@ class DynOPoolFunction(torch.autograd.Function):
         tab = k.coordinates(alpha, delta, x.shape[2], x.shape[3], h_out, w_out)
         out, win = k.forward(x, tab, h_out, w_out)
         ctx.save_for_backward(x, win, tab)
-        ctx.mark_non_differentiable(win)
         return out
 
     @staticmethod

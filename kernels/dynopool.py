@@ -58,8 +58,9 @@ def _axis_coordinates(alpha_ptr, delta_ptr, tab, size, out, BLOCK: tl.constexpr)
     """y, d y / d alpha and d y / d delta of the 2 * out queries of one axis."""
     a = tl.load(alpha_ptr)
     d = tl.load(delta_ptr)
-    size_f = size.to(tl.float32)
-    out_f = out.to(tl.float32)
+    # `+ 0.0`, not .to(): an integer argument equal to 1 arrives as a constexpr on a GPU
+    size_f = size + 0.0
+    out_f = out + 0.0
     s = size_f / out_f  # the straight-through cell count has the value `out`
     # d s / d alpha = (-size / out^2) * d(size / alpha) / d alpha = size^2 / (out^2 alpha^2)
     ds_da = (size_f / (out_f * out_f)) * (size_f / (a * a))
