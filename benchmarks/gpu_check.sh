@@ -56,7 +56,7 @@ for step in $STEPS; do
         timeout 150 python3 benchmarks/gpu_merge.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-merge.log" || status=1 ;;
     dynopool)
         if [ "${SWEEP:-0}" = 1 ]; then
-            SWEEP_ARGS="" sweep gpu_dynopool.py MODELSTOCK_DYNOPOOL "512 4" "1024 4" "2048 8"
+            SWEEP_ARGS="" sweep gpu_dynopool.py MODELSTOCK_DYNOPOOL "256 2" "512 4" "1024 4" "2048 8"
         fi
         timeout 150 python3 benchmarks/gpu_dynopool.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-dynopool.log" || status=1 ;;
     files)

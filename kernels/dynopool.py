@@ -45,7 +45,10 @@ import triton
 import triton.language as tl
 
 # Output (or input) elements per program of the three big kernels. Not yet tuned on a GPU:
-# MODELSTOCK_DYNOPOOL_ELEMS / _WARPS are for a sweep there (benchmarks/gpu_check.sh).
+# MODELSTOCK_DYNOPOOL_ELEMS / _WARPS are for a sweep there (SWEEP=1 benchmarks/gpu_check.sh).
+# Compiled for sm_90 (ptxas -v), 1024 elements on 4 warps take ~150 registers per thread in
+# the forward and backward kernels (the 16 taps are loaded before they are combined): 3
+# programs per SM; smaller tiles trade that for more programs.
 _ELEMS = int(os.environ.get("MODELSTOCK_DYNOPOOL_ELEMS", 1024))
 _NUM_WARPS = int(os.environ.get("MODELSTOCK_DYNOPOOL_WARPS", 4))
 _RANGE_BLOCK = 64  # input rows (columns) per program of the tiny ranges kernel
