@@ -1,0 +1,56 @@
+"""Compile the DynOPool kernels for an H100/H200 (sm_90) without a GPU: Triton's front end, LLVM
+and ptxas run here, so errors only a GPU compile meets (the interpreter runs Python) show up in
+CI. Integer arguments equal to 1 are compiled as the constexprs Triton makes of them.
+Run as a script (tests/test_dynopool_kernels.py does, without TRITON_INTERPRET)."""
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels import dynopool as kd  # noqa: E402
+
+I32 = "i32"
+
+
+def strides(*prefixes):
+    return {f"{p}_{a}": I32 for p in prefixes for a in "nchw"}
+
+
+SIZES = {"C": I32, "H": I32, "W": I32, "H_out": I32, "W_out": I32}
+
+
+def kernels(dt):
+    return [
+        (kd._coordinates_kernel, {"alpha_ptr": "*fp32", "delta_ptr": "*fp32", "tab": "*fp32", "H": I32, "W": I32,
+                                  "H_out": I32, "W_out": I32}, {"BLOCK": 128}),
+        (kd._ranges_kernel, {"tab": "*fp32", "rng": "*i32", "H": I32, "W": I32, "H_out": I32, "W_out": I32},
+         {"BLOCK_S": 64, "BLOCK_Q": 64}),
+        (kd._forward_kernel, {"x": f"*{dt}", "out": f"*{dt}", "win": "*i8", "tab": "*fp32", **SIZES,
+                              **strides("sx", "so")}, {"BLOCK_J": 16, "BLOCK_C": 64}),
+        (kd._coordinate_grads_kernel, {"x": f"*{dt}", "grad": f"*{dt}", "win": "*i8", "tab": "*fp32",
+                                       "partials": "*fp32", **SIZES, **strides("sx", "sg", "so")},
+         {"BLOCK_J": 16, "BLOCK_C": 64}),
+        (kd._input_grad_kernel, {"grad": f"*{dt}", "win": "*i8", "tab": "*fp32", "rng": "*i32", "gx": f"*{dt}",
+                                 **SIZES, **strides("sg", "so", "sx")}, {"BLOCK_W": 16, "BLOCK_C": 64}),
+    ]
+
+
+def compile_for_sm90(fn, signature, constexprs, ones):
+    sig = dict(signature)
+    values = dict(constexprs, **{k: 1 for k in ones if k in sig})
+    sig.update({k: "constexpr" for k in values})
+    names = list(sig)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(names) if sig[k].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in values.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+if __name__ == "__main__":
+    # sizes and strides of 1: one output cell, one channel, unit column strides (NCHW)
+    for dt, ones in [("fp32", ()), ("bf16", ("H_out", "W_out", "C", "sx_w", "so_w", "sg_w")), ("fp16", ("sx_c", "so_c"))]:
+        for fn, signature, constexprs in kernels(dt):
+            compile_for_sm90(fn, signature, constexprs, ones)
+            print("compiled", fn.__name__, dt, ones)
