@@ -185,3 +185,14 @@ def test_device_cuda_runs_the_gpu_pipeline_or_says_why_not(ckpts, capsys, monkey
     rc = main(["merge", *paths, "-o", str(tmp / "o.safetensors"), "--device", "cuda", "--chunk-size", "2KB"])
     assert rc == 0 and "Merged 2 fine-tuned checkpoints" in capsys.readouterr().out
     check_output(load_file(tmp / "o.safetensors"), base, fts)
+
+
+def test_cpu_merge_of_safetensors_never_imports_torch(ckpts):
+    # the CLI's CPU path runs on numpy: importing torch alone costs ~1.8 s and 0.65 GB here
+    tmp, paths, base, fts = ckpts
+    code = ("import sys; from modelstock.cli import main; "
+            f"rc = main(['merge', *{paths!r}, '-o', {str(tmp / 'o.safetensors')!r}, '--quiet']); "
+            "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.stdout.split() == ["0", "False"], done.stderr[-2000:]
