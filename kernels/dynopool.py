@@ -161,10 +161,14 @@ def _bilinear(base, y0, y1, wy, u0, u1, wu, s_h, s_w, chan, mask):
 
 
 @triton.jit
-def _tile(pid, C, rows, cols, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile(pid, C, rows, cols, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
     """(n, i, j, c, mask) of the tile a program owns in a (N, C, rows, cols) tensor: one row
-    i, BLOCK_J columns j, BLOCK_C channels c. Column blocks fastest, then channel blocks,
-    rows, images (neighbouring programs share taps in L2)."""
+    i, BLOCK_J columns j, BLOCK_C channels c, as 2-D index tensors whose last dimension is the
+    contiguous one: (BLOCK_J, 1) and (1, BLOCK_C) in channels_last (CL), (1, BLOCK_J) and
+    (BLOCK_C, 1) in NCHW. The taps are gathers, so Triton cannot see contiguity and keeps
+    the last dimension fastest across threads: the orientation is what coalesces them (a
+    compile-time choice, hence constexpr). Column blocks fastest, then channel blocks, rows,
+    images (neighbouring programs share taps in L2)."""
     blocks_j = tl.cdiv(cols, BLOCK_J)
     blocks_c = tl.cdiv(C, BLOCK_C)
     jb = pid % blocks_j
@@ -175,8 +179,13 @@ def _tile(pid, C, rows, cols, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     n = t // rows
     j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
     c = (cb * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = (j < cols)[:, None] & (c < C)[None, :]
-    return n, i, j, c, mask
+    if CL:
+        j2 = j[:, None]
+        c2 = c[None, :]
+    else:
+        j2 = j[None, :]
+        c2 = c[:, None]
+    return n, i, j2, c2, (j2 < cols) & (c2 < C)
 
 
 # --------------------------------------------------------------------------- forward
@@ -184,22 +193,20 @@ def _tile(pid, C, rows, cols, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
 @triton.jit
 def _forward_kernel(x, out, win, tab, C, H, W, H_out, W_out,
                     sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
-                    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
     """out[n, c, i, j] = max over (k, l) of bilinear(x[n, c], y_ik, u_jl) for one tile
     (BLOCK_J columns x BLOCK_C channels of row i, image n); win = 2 k + l of the winner."""
-    n, i, j, c, mask = _tile(tl.program_id(0).to(tl.int64), C, H_out, W_out, BLOCK_J, BLOCK_C)
+    n, i, j, c, mask = _tile(tl.program_id(0).to(tl.int64), C, H_out, W_out, BLOCK_J, BLOCK_C, CL)
     ytab = tab
     xtab = tab + 6 * H_out
     a0, a1, wa = _row_taps(ytab, 2 * i, H)
     b0, b1, wb = _row_taps(ytab, 2 * i + 1, H)
-    u0, u1, wu = _col_taps(xtab, 2 * j, j < W_out, W)
+    u0, u1, wu = _col_taps(xtab, 2 * j, j < W_out, W)  # shaped like j: one load per column
     v0, v1, wv = _col_taps(xtab, 2 * j + 1, j < W_out, W)
-    u0, u1, wu = u0[:, None], u1[:, None], wu[:, None]
-    v0, v1, wv = v0[:, None], v1[:, None], wv[:, None]
     base = x + n * sx_n
-    chan = (c * sx_c)[None, :]
+    chan = c * sx_c
     best = _bilinear(base, a0, a1, wa, u0, u1, wu, sx_h, sx_w, chan, mask)
-    arg = tl.zeros([BLOCK_J, BLOCK_C], dtype=tl.int32)
+    arg = tl.zeros(best.shape, dtype=tl.int32)
     q = _bilinear(base, a0, a1, wa, v0, v1, wv, sx_h, sx_w, chan, mask)
     take = (q > best) | (q != q)  # strictly greater keeps the first of ties; NaN wins
     best = tl.where(take, q, best)
@@ -212,7 +219,7 @@ def _forward_kernel(x, out, win, tab, C, H, W, H_out, W_out,
     take = (q > best) | (q != q)
     best = tl.where(take, q, best)
     arg = tl.where(take, 3, arg)
-    o = n * so_n + i * so_h + j.to(tl.int64)[:, None] * so_w + (c * so_c)[None, :]
+    o = n * so_n + i * so_h + j.to(tl.int64) * so_w + c * so_c
     tl.store(out + o, best.to(out.dtype.element_ty), mask=mask)
     tl.store(win + o, arg.to(tl.int8), mask=mask)
 
@@ -222,14 +229,14 @@ def _forward_kernel(x, out, win, tab, C, H, W, H_out, W_out,
 @triton.jit
 def _coordinate_grads_kernel(x, grad, win, tab, partials, C, H, W, H_out, W_out,
                              sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w,
-                             BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+                             BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
     """partials[pid] = the tile's sums of grad * d q_win / d (alpha_h, alpha_w, delta_h,
     delta_w), through the winner's coordinate derivatives and the table's factors."""
     pid = tl.program_id(0).to(tl.int64)
-    n, i, j, c, mask = _tile(pid, C, H_out, W_out, BLOCK_J, BLOCK_C)
-    jj = j.to(tl.int64)[:, None]
-    g = tl.load(grad + n * sg_n + i * sg_h + jj * sg_w + (c * sg_c)[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(win + n * so_n + i * so_h + jj * so_w + (c * so_c)[None, :], mask=mask, other=0).to(tl.int32)
+    n, i, j, c, mask = _tile(pid, C, H_out, W_out, BLOCK_J, BLOCK_C, CL)
+    jj = j.to(tl.int64)
+    g = tl.load(grad + n * sg_n + i * sg_h + jj * sg_w + c * sg_c, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(win + n * so_n + i * so_h + jj * so_w + c * so_c, mask=mask, other=0).to(tl.int32)
     k = w >> 1
     l = w & 1
     ytab = tab
@@ -239,7 +246,7 @@ def _coordinate_grads_kernel(x, grad, win, tab, partials, C, H, W, H_out, W_out,
     y0 = tl.load(ytab + ry, mask=mask, other=0.0)
     fa_y = tl.load(ytab + 2 * H_out + ry, mask=mask, other=0.0)
     fd_y = tl.load(ytab + 4 * H_out + ry, mask=mask, other=0.0)
-    ru = 2 * j[:, None] + l
+    ru = 2 * j + l
     u0 = tl.load(xtab + ru, mask=mask, other=0.0)
     fa_u = tl.load(xtab + 2 * W_out + ru, mask=mask, other=0.0)
     fd_u = tl.load(xtab + 4 * W_out + ru, mask=mask, other=0.0)
@@ -249,7 +256,7 @@ def _coordinate_grads_kernel(x, grad, win, tab, partials, C, H, W, H_out, W_out,
     ua = u0.to(tl.int32)
     ub = tl.minimum(ua + 1, W - 1)
     wu = u0 - ua.to(tl.float32)
-    base = x + n * sx_n + (c * sx_c)[None, :]
+    base = x + n * sx_n + c * sx_c
     ra = base + ya.to(tl.int64) * sx_h
     rb = base + yb.to(tl.int64) * sx_h
     ca = ua.to(tl.int64) * sx_w
@@ -269,18 +276,18 @@ def _coordinate_grads_kernel(x, grad, win, tab, partials, C, H, W, H_out, W_out,
 @triton.jit
 def _input_grad_kernel(grad, win, tab, rng, gx, C, H, W, H_out, W_out,
                        sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sx_n, sx_c, sx_h, sx_w,
-                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
     """gx[n, c, h, w] = sum over the outputs (i, j) whose winning query (k, l) has a tap on
     (h, w) of grad[n, c, i, j] * (that tap's row weight) * (its column weight)."""
-    n, h, w, c, mask = _tile(tl.program_id(0).to(tl.int64), C, H, W, BLOCK_W, BLOCK_C)
+    n, h, w, c, mask = _tile(tl.program_id(0).to(tl.int64), C, H, W, BLOCK_W, BLOCK_C, CL)
     h = h.to(tl.int32)
     mw = w < W
     ytab = tab
     xtab = tab + 6 * H_out
     wrng = rng + 4 * H
-    g_base = grad + n * sg_n + (c * sg_c)[None, :]
-    o_base = win + n * so_n + (c * so_c)[None, :]
-    acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g_base = grad + n * sg_n + c * sg_c
+    o_base = win + n * so_n + c * so_c
+    acc = tl.zeros(mask.shape, dtype=tl.float32)
     for k in tl.static_range(2):
         i_lo = tl.load(rng + h * 4 + 2 * k)
         i_hi = tl.load(rng + h * 4 + 2 * k + 1)
@@ -293,19 +300,19 @@ def _input_grad_kernel(grad, win, tab, rng, gx, C, H, W, H_out, W_out,
             for l in tl.static_range(2):
                 j_lo = tl.load(wrng + w * 4 + 2 * l, mask=mw, other=0)
                 j_hi = tl.load(wrng + w * 4 + 2 * l + 1, mask=mw, other=0)
-                for b in range(0, tl.max(j_hi - j_lo, axis=0)):
+                for b in range(0, tl.max(tl.max(j_hi - j_lo, axis=1), axis=0)):
                     j = j_lo + b
                     live = mw & (j < j_hi)
                     u0, u1, wu = _col_taps(xtab, 2 * j + l, live, W)
                     w_col = tl.where(u0 == w, 1.0 - wu, 0.0) + tl.where(u1 == w, wu, 0.0)
-                    m = live[:, None] & mask
-                    jj = j.to(tl.int64)[:, None]
+                    m = live & mask
+                    jj = j.to(tl.int64)
                     g = tl.load(g_row + jj * sg_w, mask=m, other=0.0).to(tl.float32)
                     won = tl.load(o_row + jj * so_w, mask=m, other=-1) == 2 * k + l
-                    acc += tl.where(won, g * (w_row * w_col)[:, None], 0.0)
+                    acc += tl.where(won, g * (w_row * w_col), 0.0)
             g_row += sg_h
             o_row += so_h
-    o = n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64)[:, None] * sx_w + (c * sx_c)[None, :]
+    o = n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w + c * sx_c
     tl.store(gx + o, acc.to(gx.dtype.element_ty), mask=mask)
 
 
@@ -361,7 +368,7 @@ def forward(x: torch.Tensor, tab: torch.Tensor, h_out: int, w_out: int) -> tuple
     bj, bc = _blocks(w_out, c, fmt is torch.channels_last)
     _forward_kernel[_out_grid(n, c, h_out, w_out, bj, bc)](
         x, out, win, tab, c, h, w, h_out, w_out, *x.stride(), *out.stride(),
-        BLOCK_J=bj, BLOCK_C=bc, num_warps=_NUM_WARPS)
+        BLOCK_J=bj, BLOCK_C=bc, CL=fmt is torch.channels_last, num_warps=_NUM_WARPS)
     return out, win
 
 
@@ -371,12 +378,13 @@ def coordinate_grads(x: torch.Tensor, grad: torch.Tensor, win: torch.Tensor, tab
     h_out, w_out = win.shape[-2:]
     if win.numel() == 0:
         return torch.zeros(4, dtype=torch.float64, device=x.device)
-    bj, bc = _blocks(w_out, c, _is_channels_last(win))
+    cl = _is_channels_last(win)
+    bj, bc = _blocks(w_out, c, cl)
     grid = _out_grid(n, c, h_out, w_out, bj, bc)
     partials = torch.empty(grid[0], 4, dtype=torch.float32, device=x.device)
     _coordinate_grads_kernel[grid](
         x, grad, win, tab, partials, c, h, w, h_out, w_out, *x.stride(), *grad.stride(), *win.stride(),
-        BLOCK_J=bj, BLOCK_C=bc, num_warps=_NUM_WARPS)
+        BLOCK_J=bj, BLOCK_C=bc, CL=cl, num_warps=_NUM_WARPS)
     return partials.sum(0, dtype=torch.float64)
 
 
@@ -388,9 +396,10 @@ def input_grad(x: torch.Tensor, grad: torch.Tensor, win: torch.Tensor, tab: torc
     gx = torch.empty_like(x)
     if gx.numel() == 0:
         return gx
-    bw, bc = _blocks(w, c, _is_channels_last(gx))
+    cl = _is_channels_last(gx)
+    bw, bc = _blocks(w, c, cl)
     grid = (n * h * triton.cdiv(c, bc) * triton.cdiv(w, bw),)
     _input_grad_kernel[grid](
         grad, win, tab, rng, gx, c, h, w, h_out, w_out, *grad.stride(), *win.stride(), *gx.stride(),
-        BLOCK_W=bw, BLOCK_C=bc, num_warps=_NUM_WARPS)
+        BLOCK_W=bw, BLOCK_C=bc, CL=cl, num_warps=_NUM_WARPS)
     return gx

@@ -22,19 +22,19 @@ def strides(*prefixes):
 SIZES = {"C": I32, "H": I32, "W": I32, "H_out": I32, "W_out": I32}
 
 
-def kernels(dt):
+def kernels(dt, cl):
     return [
         (kd._coordinates_kernel, {"alpha_ptr": "*fp32", "delta_ptr": "*fp32", "tab": "*fp32", "H": I32, "W": I32,
                                   "H_out": I32, "W_out": I32}, {"BLOCK": 128}),
         (kd._ranges_kernel, {"tab": "*fp32", "rng": "*i32", "H": I32, "W": I32, "H_out": I32, "W_out": I32},
          {"BLOCK_S": 64, "BLOCK_Q": 64}),
         (kd._forward_kernel, {"x": f"*{dt}", "out": f"*{dt}", "win": "*i8", "tab": "*fp32", **SIZES,
-                              **strides("sx", "so")}, {"BLOCK_J": 16, "BLOCK_C": 64}),
+                              **strides("sx", "so")}, {"BLOCK_J": 16, "BLOCK_C": 64, "CL": cl}),
         (kd._coordinate_grads_kernel, {"x": f"*{dt}", "grad": f"*{dt}", "win": "*i8", "tab": "*fp32",
                                        "partials": "*fp32", **SIZES, **strides("sx", "sg", "so")},
-         {"BLOCK_J": 16, "BLOCK_C": 64}),
+         {"BLOCK_J": 16, "BLOCK_C": 64, "CL": cl}),
         (kd._input_grad_kernel, {"grad": f"*{dt}", "win": "*i8", "tab": "*fp32", "rng": "*i32", "gx": f"*{dt}",
-                                 **SIZES, **strides("sg", "so", "sx")}, {"BLOCK_W": 16, "BLOCK_C": 64}),
+                                 **SIZES, **strides("sg", "so", "sx")}, {"BLOCK_W": 16, "BLOCK_C": 64, "CL": cl}),
     ]
 
 
@@ -49,8 +49,10 @@ def compile_for_sm90(fn, signature, constexprs, ones):
 
 
 if __name__ == "__main__":
-    # sizes and strides of 1: one output cell, one channel, unit column strides (NCHW)
-    for dt, ones in [("fp32", ()), ("bf16", ("H_out", "W_out", "C", "sx_w", "so_w", "sg_w")), ("fp16", ("sx_c", "so_c"))]:
-        for fn, signature, constexprs in kernels(dt):
+    # sizes and strides of 1: one output cell, one channel, unit column strides (NCHW) or unit
+    # channel strides (channels_last); both tile orientations
+    for dt, cl, ones in [("fp32", True, ()), ("bf16", False, ("H_out", "W_out", "C", "sx_w", "so_w", "sg_w")),
+                         ("fp16", True, ("sx_c", "so_c"))]:
+        for fn, signature, constexprs in kernels(dt, cl):
             compile_for_sm90(fn, signature, constexprs, ones)
             print("compiled", fn.__name__, dt, ones)
