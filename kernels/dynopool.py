@@ -17,7 +17,8 @@ channels c. It loads the 4 query rows' taps as scalars and its columns' taps onc
 (1,0), (1,1); NaN wins, as max_pool2d), and writes the output and the winner (2 bits in an
 int8). Storing the winner costs 1 byte per output (1/16 of an fp32 input at alpha = 2) and
 spares the backward the 16-tap recompute: the gradient to x gathers from up to ~9 outputs per
-pixel, and would otherwise redo each one's max.
+pixel, and would otherwise redo each one's max. (Decided by that count, not yet by a GPU
+measurement against recomputing.)
 
 Backward to alpha and delta (``coordinate_grads``): same tiling as the forward; each output
 sends its gradient to its winning query only, whose bilinear value has
