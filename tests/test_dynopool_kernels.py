@@ -22,7 +22,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # alpha, delta, (N, C, H, W): downsampling, upsampling (alpha < 1), queries clamped at the
 # borders (large delta), odd and prime sizes, channel counts that are not powers of two.
 CONFIGS = [((1.7, 2.3), (0.31, 0.18), (2, 3, 11, 9)), ((0.73, 1.31), (0.21, 0.43), (1, 2, 5, 7)),
-           ((2.6, 3.1), (0.9, 1.4), (2, 5, 13, 12)), ((1.0, 4.4), (-0.05, 0.27), (1, 3, 8, 17))]
+           ((2.6, 3.1), (0.9, 1.4), (2, 5, 13, 12)), ((1.0, 4.4), (-0.05, 0.27), (1, 3, 8, 17)),
+           ((1.3, 0.6), (0.3, 0.2), (2, 3, 1, 9))]  # one input row: every tap on it
 
 
 def layout(x, channels_last):
@@ -182,6 +183,16 @@ def test_equals_max_pool2d_at_alpha_2_delta_quarter(shape, dtype, channels_last)
     out.backward(grad)
     want.backward(grad)
     assert torch.equal(x.grad, x2.grad)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 8, 8, device=DEVICE, requires_grad=True)
+    a = torch.tensor([2.0, 1.5], device=DEVICE, requires_grad=True)
+    d = torch.tensor([0.25, 0.3], device=DEVICE, requires_grad=True)
+    out = dynopool2d(x, a, d, backend="triton")
+    assert out.shape == (0, 3, 4, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and a.grad.tolist() == [0.0, 0.0] and d.grad.tolist() == [0.0, 0.0]
 
 
 def test_ties_go_to_the_first_query_and_nan_propagates():
