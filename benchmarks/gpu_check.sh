@@ -8,8 +8,9 @@
 #   merge     in-memory merge: Triton vs loop vs foreach, with a per-pass breakdown (150 s)
 #   dynopool  DynOPool fwd+bwd: Triton vs reference vs max_pool2d                    (150 s)
 #   files     file-to-file merge --device cuda vs CPU vs a plain read of the files   (120 s)
-# SWEEP=1 adds sweeps of the kernels' elements/warps per program before merge / dynopool (on
-# ViT-bigG-14 for the merge) and runs those with the best setting; give it a call of its own.
+# SWEEP=1 adds sweeps of the kernels' settings before merge (chunks x pipeline stages per
+# dtype size, on ViT-bigG-14) and dynopool (elements/warps per program), then runs those steps
+# with the fastest setting; give it a call of its own (STEPS="merge dynopool").
 # Logs and JSON records go under $OUT (default benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,22 +27,22 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFE
   df -h /tmp | tail -1; nproc; } 2>&1 | tee "$OUT/gpu-env.txt"
 status=0
 
-# sweep SCRIPT ENV_PREFIX "ELEMS WARPS"...: time the Triton path alone at each setting, export the best
+# sweep SCRIPT "VAR=value [VAR=value...]"...: time the Triton path alone under each setting
+# (SWEEP_ARGS are extra arguments for the script), then export the fastest setting
 sweep() {
-    local script=$1 prefix=$2; shift 2
-    local best="" best_ms="" cfg ms
+    local script=$1 best="" best_ms="" cfg ms tag; shift
     for cfg in "$@"; do
-        set -- $cfg
-        env "${prefix}_ELEMS=$1" "${prefix}_WARPS=$2" timeout 60 python3 "benchmarks/$script" --only triton \
-            --out "$OUT" --tag="-sweep-$1-$2" $SWEEP_ARGS > "$OUT/sweep-$script-$1-$2.log" 2>&1 || continue
-        ms=$(python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/*sweep-$1-$2-*.json'))[-1])); print(sum(c['ms']['triton'] for c in d['cases']))")
-        echo "$script elems=$1 warps=$2: $ms ms" | tee -a "$OUT/gpu-sweep.txt"
-        if [ -z "$best_ms" ] || python3 -c "import sys; sys.exit(0 if $ms < $best_ms else 1)"; then best="$1 $2"; best_ms=$ms; fi
+        tag="-sweep-$(echo "$cfg" | sed 's/MODELSTOCK_//g; s/[^A-Za-z0-9]\+/-/g')"
+        env $cfg timeout 60 python3 "benchmarks/$script" --only triton --out "$OUT" --tag="$tag" $SWEEP_ARGS \
+            > "$OUT/sweep-$script$tag.log" 2>&1 || continue
+        record=$(grep '^wrote ' "$OUT/sweep-$script$tag.log" | tail -1 | cut -d' ' -f2-)
+        ms=$(python3 -c "import json; d=json.load(open('$record')); print(sum(c['ms']['triton'] for c in d['cases']))")
+        echo "$script [$cfg]: $ms ms" | tee -a "$OUT/gpu-sweep.txt"
+        if [ -z "$best_ms" ] || python3 -c "import sys; sys.exit(0 if $ms < $best_ms else 1)"; then best=$cfg; best_ms=$ms; fi
     done
     if [ -n "$best" ]; then
-        set -- $best
-        export "${prefix}_ELEMS=$1" "${prefix}_WARPS=$2"
-        echo "$script best: $best" | tee -a "$OUT/gpu-sweep.txt"
+        export $best
+        echo "$script best: [$best]" | tee -a "$OUT/gpu-sweep.txt"
     fi
 }
 
@@ -51,12 +52,20 @@ for step in $STEPS; do
         timeout 150 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -30 | tee "$OUT/gpu-tests.log" || status=1 ;;
     merge)
         if [ "${SWEEP:-0}" = 1 ]; then
-            SWEEP_ARGS="--models ViT-bigG-14" sweep gpu_merge.py MODELSTOCK_MERGE "2048 2" "4096 4" "8192 4" "16384 8"
+            # chunks x stages per itemsize; 2:1x1 is the kernel as first measured (one chunk per program)
+            SWEEP_ARGS="--models ViT-bigG-14" sweep gpu_merge.py \
+                "MODELSTOCK_MERGE_PIPELINE=2:1x1,4:1x1" "MODELSTOCK_MERGE_PIPELINE=2:4x3,4:1x1" \
+                "MODELSTOCK_MERGE_PIPELINE=2:8x3,4:4x3" "MODELSTOCK_MERGE_PIPELINE=2:4x4,4:4x3" \
+                "MODELSTOCK_MERGE_PIPELINE=2:4x3,4:1x1 MODELSTOCK_MERGE_WARPS=8"
         fi
         timeout 150 python3 benchmarks/gpu_merge.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-merge.log" || status=1 ;;
     dynopool)
         if [ "${SWEEP:-0}" = 1 ]; then
-            SWEEP_ARGS="" sweep gpu_dynopool.py MODELSTOCK_DYNOPOOL "256 2" "512 4" "1024 4" "2048 8"
+            SWEEP_ARGS="" sweep gpu_dynopool.py \
+                "MODELSTOCK_DYNOPOOL_ELEMS=256 MODELSTOCK_DYNOPOOL_WARPS=2" \
+                "MODELSTOCK_DYNOPOOL_ELEMS=512 MODELSTOCK_DYNOPOOL_WARPS=4" \
+                "MODELSTOCK_DYNOPOOL_ELEMS=1024 MODELSTOCK_DYNOPOOL_WARPS=4" \
+                "MODELSTOCK_DYNOPOOL_ELEMS=2048 MODELSTOCK_DYNOPOOL_WARPS=8"
         fi
         timeout 150 python3 benchmarks/gpu_dynopool.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-dynopool.log" || status=1 ;;
     files)

@@ -1,6 +1,8 @@
-"""Compile the DynOPool kernels for an H100/H200 (sm_90) without a GPU: Triton's front end, LLVM
+"""Compile the Triton kernels for an H100/H200 (sm_90) without a GPU: Triton's front end, LLVM
 and ptxas run here, so errors only a GPU compile meets (the interpreter runs Python) show up in
-CI. Integer arguments equal to 1 are compiled as the constexprs Triton makes of them.
+CI. Integer arguments equal to 1 are compiled as the constexprs Triton makes of them. For the
+merge kernels it also checks the premise of their 2-byte setting: the chunk loop's loads become
+asynchronous copies (kernels/merge.py's docstring).
 Run as a script (tests/test_dynopool_kernels.py does, without TRITON_INTERPRET)."""
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels import dynopool as kd  # noqa: E402
+from kernels import merge as km  # noqa: E402
 
 I32 = "i32"
 
@@ -48,7 +51,24 @@ def compile_for_sm90(fn, signature, constexprs, ones):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
+def merge_kernels(dt):
+    chunks, stages = km.pipeline(2 if dt in ("bf16", "fp16") else 4)
+    const = {"NPAD": 2, "ALIGNED": True, "BLOCK": km.block_size(2), "CHUNKS": chunks, "STAGES": stages}
+    return [
+        (km._gram_tiles_kernel, {"base": f"*{dt}", "offs_tab": "*i64", "tiles": "*i64", "partials": "*fp32",
+                                 "n": I32, "stride": I32}, const),
+        (km._merge_tiles_kernel, {"base": f"*{dt}", "offs_tab": "*i64", "out": f"*{dt}", "out_offs": "*i64",
+                                  "tiles": "*i64", "tile_seg": "*i64", "t": "*fp32", "n": I32, "stride": I32}, const),
+    ]
+
+
 if __name__ == "__main__":
+    for dt in ("fp32", "bf16"):
+        for fn, signature, constexprs in merge_kernels(dt):
+            k = compile_for_sm90(fn, signature, constexprs, ())
+            copies = k.asm["ttgir"].count("async_copy_global_to_local")
+            assert (copies > 0) == (constexprs["CHUNKS"] > 1 and constexprs["STAGES"] > 1), (fn.__name__, dt, copies)
+            print("compiled", fn.__name__, dt, f"async copies {copies}")
     # sizes and strides of 1: one output cell, one channel, unit column strides (NCHW) or unit
     # channel strides (channels_last); both tile orientations
     for dt, cl, ones in [("fp32", True, ()), ("bf16", False, ("H_out", "W_out", "C", "sx_w", "so_w", "sg_w")),

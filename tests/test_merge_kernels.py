@@ -12,7 +12,8 @@ from modelstock import MergeReport
 from .helpers import assert_within, finetuned_like, merge_tolerance, spec_merge_fp64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B2 = kmerge.block_size(2)  # elements per program for N = 2
+B2 = kmerge.block_size(2)  # elements per chunk for N = 2
+T2 = kmerge.tile_size(2, 2)  # elements per program for N = 2 in a 2-byte dtype (several chunks)
 
 
 def models(shapes, n, dtype=torch.float32, seed=0):
@@ -36,7 +37,8 @@ def check(out, base, fts, granularity="tensor", clamp=True, out_dtype=None):
         assert_within(out[k].cpu(), ref_impl[k].cpu().double(), 2 * tol, k)
 
 
-ODD = {"one": (1,), "seven": (7,), "prime": (1031,), "just_over": (B2 + 1,), "several": (3, B2 + 5), "scalar": ()}
+ODD = {"one": (1,), "seven": (7,), "prime": (1031,), "just_over": (B2 + 1,), "several": (3, B2 + 5), "scalar": (),
+       "tiles": (2 * T2 + B2 + 13,)}  # two full tiles of any dtype, then full chunks and a rest
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
@@ -103,19 +105,21 @@ def test_nan_is_refused_naming_the_input():
     assert (e.value.source, e.value.tensor) == ("finetuned[1]", "b")
 
 
-def test_gram_launcher_against_fp64_with_segments():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # tiles of one chunk, of several
+def test_gram_launcher_against_fp64_with_segments(dtype):
     # Two layers, the second cut into 3 rows: 4 segments, tiles never crossing one.
     n = 3
-    a, b = torch.randn(n + 1, 2 * B2 + 9), torch.randn(n + 1, 3 * 101)
-    a, b = a.to(DEVICE), b.to(DEVICE)
+    block = kmerge.tile_size(4, dtype.itemsize)
+    a, b = torch.randn(n + 1, 2 * block + kmerge.block_size(4) + 9), torch.randn(n + 1, 3 * 101)
+    a, b = a.to(dtype).to(DEVICE), b.to(dtype).to(DEVICE)
     inputs = kmerge.Addresses([list(a), list(b)], DEVICE)
-    block = kmerge.block_size(4)
     tiles, tile_seg, seg_tiles = kmerge.tile_table([a.shape[1], b.shape[1]], [1, 3], block, DEVICE)
     covered = torch.zeros(a.shape[1] + b.shape[1], dtype=torch.int64)
     for layer, start, end in tiles.cpu().tolist():
         lo = start + (0 if layer == 0 else a.shape[1])
         covered[lo: lo + min(block, end - start)] += 1
     assert torch.equal(covered, torch.ones_like(covered))  # every element in exactly one tile
+    assert all(end - start <= block for _, start, end in tiles.cpu().tolist())
     g = kmerge.gram(inputs, tiles, seg_tiles, n, kmerge.aligned(False, inputs)).cpu()
     segs = [a.cpu().double()] + [b.cpu().double()[:, r * 101:(r + 1) * 101] for r in range(3)]
     for s, w in enumerate(segs):
