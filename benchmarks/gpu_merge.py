@@ -142,7 +142,7 @@ def run(models, out_dir: Path, dtypes=("float32", "bfloat16"), only=None, tag=""
     from kernels import merge as kmerge
 
     record = {**gpu_record.header("merge", device),
-              "config": {"MODELSTOCK_MERGE_ELEMS": kmerge._ELEMS_PER_PROGRAM, "num_warps": kmerge._NUM_WARPS,
+              "config": {"MODELSTOCK_MERGE_ELEMS": kmerge._CHUNK_ELEMS, "num_warps": kmerge._NUM_WARPS,
                          "pipeline": {f"{k}B": f"{c}x{st}" for k, (c, st) in kmerge._PIPELINE.items()}},
               "copy_gbps": copy_gbps(4 << 30, device), "cases": cases}
     gpu_record.write(record, out_dir, tag)

@@ -38,12 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements each program owns, by padded model count: the (NPAD, NPAD, BLOCK) products stay at
-# ELEMS fp32 values per program (BLOCK = 1024 for N = 2). Chosen by a sweep on an H200
-# (benchmarks/results/gpu-merge-sweep-*.json: 4096 elements and 4 warps beat 2048..65536 and
+# Elements per chunk, by padded model count: the (NPAD, NPAD, BLOCK) products of a chunk stay at
+# CHUNK_ELEMS fp32 values (BLOCK = 1024 for N = 2). Chosen by a sweep on an H200 with one chunk
+# per program (benchmarks/results/gpu-merge-sweep-*.json: 4096 and 4 warps beat 2048..65536 and
 # 2..16 warps on ViT-bigG-14 in fp32 and bf16). The environment variables are for such sweeps
 # (benchmarks/gpu_check.sh with SWEEP=1); each new value compiles a kernel once.
-_ELEMS_PER_PROGRAM = int(os.environ.get("MODELSTOCK_MERGE_ELEMS", 4096))
+_CHUNK_ELEMS = int(os.environ.get("MODELSTOCK_MERGE_ELEMS", 4096))
 _NUM_WARPS = int(os.environ.get("MODELSTOCK_MERGE_WARPS", 4))
 _ALIGN = 8  # elements: 16 bytes of bf16, 32 of fp32
 
@@ -66,8 +66,8 @@ _PIPELINE = _parse_pipeline(os.environ.get("MODELSTOCK_MERGE_PIPELINE", "2:4x3,4
 
 
 def block_size(npad: int) -> int:
-    """Elements per chunk: the (NPAD, NPAD, BLOCK) products stay at ELEMS fp32 values."""
-    return max(128, min(8192, _ELEMS_PER_PROGRAM // (npad * npad)))
+    """Elements per chunk (BLOCK)."""
+    return max(128, min(8192, _CHUNK_ELEMS // (npad * npad)))
 
 
 def pipeline(itemsize: int) -> tuple[int, int]:
