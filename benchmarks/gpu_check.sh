@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, run once on a lent GPU machine (its own torch and triton; nothing installed
-# but the carried wheels in .whl/, e.g. open_clip for the model shapes):
+# but the carried wheels in .whl/, e.g. open_clip for the model shapes; `make gpu-wheels`):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # Steps (STEPS="tests merge dynopool files" by default; each has its own time limit, together
 # under the 600 s a call may take):
