@@ -129,18 +129,11 @@ def _ranges_kernel(tab, rng, H, W, H_out, W_out, BLOCK_S: tl.constexpr, BLOCK_Q:
 # --------------------------------------------------------------------------- taps
 
 @triton.jit
-def _row_taps(ytab, r, H):
-    """(y0, y1, wy) of query row r: y is in [0, H - 1], so truncation is floor."""
-    y = tl.load(ytab + r)
+def _taps(y, size):
+    """(y0, y1, w) of coordinates y in [0, size - 1] (so truncation is floor): the two taps and
+    the second one's weight."""
     y0 = y.to(tl.int32)
-    return y0, tl.minimum(y0 + 1, H - 1), y - y0.to(tl.float32)
-
-
-@triton.jit
-def _col_taps(xtab, r, mask, W):
-    u = tl.load(xtab + r, mask=mask, other=0.0)
-    u0 = u.to(tl.int32)
-    return u0, tl.minimum(u0 + 1, W - 1), u - u0.to(tl.float32)
+    return y0, tl.minimum(y0 + 1, size - 1), y - y0.to(tl.float32)
 
 
 @triton.jit
@@ -200,10 +193,11 @@ def _forward_kernel(x, out, win, tab, C, H, W, H_out, W_out,
     n, i, j, c, mask = _tile(tl.program_id(0).to(tl.int64), C, H_out, W_out, BLOCK_J, BLOCK_C, CL)
     ytab = tab
     xtab = tab + 6 * H_out
-    a0, a1, wa = _row_taps(ytab, 2 * i, H)
-    b0, b1, wb = _row_taps(ytab, 2 * i + 1, H)
-    u0, u1, wu = _col_taps(xtab, 2 * j, j < W_out, W)  # shaped like j: one load per column
-    v0, v1, wv = _col_taps(xtab, 2 * j + 1, j < W_out, W)
+    a0, a1, wa = _taps(tl.load(ytab + 2 * i), H)
+    b0, b1, wb = _taps(tl.load(ytab + 2 * i + 1), H)
+    # shaped like j: one load per column
+    u0, u1, wu = _taps(tl.load(xtab + 2 * j, mask=j < W_out, other=0.0), W)
+    v0, v1, wv = _taps(tl.load(xtab + 2 * j + 1, mask=j < W_out, other=0.0), W)
     base = x + n * sx_n
     chan = c * sx_c
     best = _bilinear(base, a0, a1, wa, u0, u1, wu, sx_h, sx_w, chan, mask)
@@ -244,19 +238,13 @@ def _coordinate_grads_kernel(x, grad, win, tab, partials, C, H, W, H_out, W_out,
     xtab = tab + 6 * H_out
     # the winner's query row (scalars per k, selected per element) and column (per j and l)
     ry = 2 * i + k
-    y0 = tl.load(ytab + ry, mask=mask, other=0.0)
+    ya, yb, wy = _taps(tl.load(ytab + ry, mask=mask, other=0.0), H)
     fa_y = tl.load(ytab + 2 * H_out + ry, mask=mask, other=0.0)
     fd_y = tl.load(ytab + 4 * H_out + ry, mask=mask, other=0.0)
     ru = 2 * j + l
-    u0 = tl.load(xtab + ru, mask=mask, other=0.0)
+    ua, ub, wu = _taps(tl.load(xtab + ru, mask=mask, other=0.0), W)
     fa_u = tl.load(xtab + 2 * W_out + ru, mask=mask, other=0.0)
     fd_u = tl.load(xtab + 4 * W_out + ru, mask=mask, other=0.0)
-    ya = y0.to(tl.int32)
-    yb = tl.minimum(ya + 1, H - 1)
-    wy = y0 - ya.to(tl.float32)
-    ua = u0.to(tl.int32)
-    ub = tl.minimum(ua + 1, W - 1)
-    wu = u0 - ua.to(tl.float32)
     base = x + n * sx_n + c * sx_c
     ra = base + ya.to(tl.int64) * sx_h
     rb = base + yb.to(tl.int64) * sx_h
@@ -296,7 +284,7 @@ def _input_grad_kernel(grad, win, tab, rng, gx, C, H, W, H_out, W_out,
         g_row = g_base + i_lo.to(tl.int64) * sg_h
         o_row = o_base + i_lo.to(tl.int64) * so_h
         for i in range(i_lo, i_hi):
-            y0, y1, wy = _row_taps(ytab, 2 * i + k, H)
+            y0, y1, wy = _taps(tl.load(ytab + 2 * i + k), H)
             w_row = tl.where(y0 == h, 1.0 - wy, 0.0) + tl.where(y1 == h, wy, 0.0)
             for l in tl.static_range(2):
                 j_lo = tl.load(wrng + w * 4 + 2 * l, mask=mw, other=0)
@@ -304,7 +292,7 @@ def _input_grad_kernel(grad, win, tab, rng, gx, C, H, W, H_out, W_out,
                 for b in range(0, tl.max(tl.max(j_hi - j_lo, axis=1), axis=0)):
                     j = j_lo + b
                     live = mw & (j < j_hi)
-                    u0, u1, wu = _col_taps(xtab, 2 * j + l, live, W)
+                    u0, u1, wu = _taps(tl.load(xtab + 2 * j + l, mask=live, other=0.0), W)
                     w_col = tl.where(u0 == w, 1.0 - wu, 0.0) + tl.where(u1 == w, wu, 0.0)
                     m = live & mask
                     jj = j.to(tl.int64)
