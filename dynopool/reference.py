@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 
-def check_inputs(x: Tensor, alpha: Tensor, delta: Tensor) -> tuple[list[float], list[float]]:
-    """Clear errors for bad input; returns alpha's and delta's values on the host (h, w), read
-    in one transfer: the output size depends on alpha's value, so every call reads it once."""
+def check_inputs(x: Tensor, alpha: Tensor, delta: Tensor) -> tuple[int, int]:
+    """Clear errors for bad input; returns the output size (h_out, w_out). It depends on alpha's
+    value, so every call reads alpha (and delta, for its check) to the host, in one transfer."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[-2] < 1 or x.shape[-1] < 1:
@@ -40,7 +40,7 @@ def check_inputs(x: Tensor, alpha: Tensor, delta: Tensor) -> tuple[list[float], 
         raise ValueError(f"alpha (the inverse scale factor) must be finite and > 0, got {a.tolist()}")
     if not bool(torch.isfinite(d).all()):
         raise ValueError(f"delta (the query spread) must be finite, got {d.tolist()}")
-    return a.tolist(), d.tolist()
+    return output_size(x.shape[2], float(a[0])), output_size(x.shape[3], float(a[1]))
 
 
 def output_size(size: int, alpha: float) -> int:
@@ -88,10 +88,9 @@ def interpolation_matrix(y: Tensor, size: int) -> Tensor:
 
 def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor) -> Tensor:
     """The DynOPool operator; ``alpha`` and ``delta`` are 2-element tensors (h, w)."""
-    a, _ = check_inputs(x, alpha, delta)
+    h_out, w_out = check_inputs(x, alpha, delta)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     alpha, delta = alpha.to(compute), delta.to(compute)
-    h_out, w_out = output_size(x.shape[2], a[0]), output_size(x.shape[3], a[1])
     size_hat = torch.stack([straight_through_size(x.shape[2], alpha[0], h_out),
                             straight_through_size(x.shape[3], alpha[1], w_out)])
     return sample_max(x, h_out, w_out, size_hat, delta)

@@ -50,7 +50,6 @@ def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor) -> Tensor:
     if x.dtype not in DTYPES:
         raise ValueError(f"backend='triton' takes fp32, fp16 or bf16 inputs, got {x.dtype}; "
                          "use backend='torch' (the reference) for others")
-    a, _ = reference.check_inputs(x, alpha, delta)
-    h_out, w_out = reference.output_size(x.shape[2], a[0]), reference.output_size(x.shape[3], a[1])
+    h_out, w_out = reference.check_inputs(x, alpha, delta)
     f32 = torch.float32
     return DynOPoolFunction.apply(x, alpha.reshape(2).to(f32), delta.reshape(2).to(f32), h_out, w_out)
