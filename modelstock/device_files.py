@@ -58,14 +58,14 @@ def plan_chunks(layers: list[Layer], out_dtypes: list[str], chunk_bytes: int) ->
     layer alone is larger; every tensor 64-byte aligned in its buffer."""
     chunks: list[_Chunk] = []
     for i, (layer, dtype) in enumerate(zip(layers, out_dtypes)):
-        need = sum(_aligned(nbytes(d, layer.shape)) for d in layer.dtypes)
-        if not chunks or (chunks[-1].in_bytes + need > chunk_bytes and chunks[-1].layers):
+        sizes = [nbytes(d, layer.shape) for d in layer.dtypes]
+        if not chunks or (chunks[-1].in_bytes + sum(map(_aligned, sizes)) > chunk_bytes and chunks[-1].layers):
             chunks.append(_Chunk([], [], [], 0, 0))
         c = chunks[-1]
         spans = []
-        for d in layer.dtypes:
-            spans.append((c.in_bytes, nbytes(d, layer.shape)))
-            c.in_bytes += _aligned(nbytes(d, layer.shape))
+        for size in sizes:
+            spans.append((c.in_bytes, size))
+            c.in_bytes += _aligned(size)
         c.layers.append(i)
         c.inputs.append(spans)
         c.outputs.append((c.out_bytes, nbytes(dtype, layer.shape)))
@@ -153,7 +153,7 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
                 copied_out[s] = streams.record("d2h")
             _hand_to_writer(chunk, layers, entries, host_out[s], copied_out[s], out_free[s], write)
             if bar is not None:
-                bar.update(sum(nbytes(d, layers[i].shape) for i in chunk.layers for d in layers[i].dtypes))
+                bar.update(sum(layers[i].nbytes_in for i in chunk.layers))
     finally:
         for q in free_in:
             q.put(_STOP)

@@ -183,10 +183,11 @@ def merge_files(
     chunk_bytes = _parse_size(chunk_size)
     if not chunk_bytes or chunk_bytes <= 0:
         raise ValueError(f"chunk_size must be a positive size, got {chunk_size!r}")
+    gpu = None  # the CUDA device of a merge on a GPU; None: the numpy merge
     if device != "cpu":
         from .device_files import check_device
 
-        device = check_device(device)
+        gpu = check_device(device)
     inputs = []
     try:
         for path in [base, *finetuned]:
@@ -194,7 +195,7 @@ def merge_files(
         return _merge_open(inputs, Path(out), start, granularity=granularity, clamp=clamp, exclude=exclude,
                            eps=eps, out_dtype=out_dtype, compute_dtype=compute_dtype,
                            shard_size=_parse_size(shard_size), force=force, durable=durable, progress=progress,
-                           device=None if device == "cpu" else device, chunk_bytes=chunk_bytes, backend=backend)
+                           device=gpu, chunk_bytes=chunk_bytes, backend=backend)
     finally:
         for ck in inputs:
             ck.close()
@@ -216,7 +217,7 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
         "exclude": list(exclude), "base": os.path.basename(sources[0]),
         "finetuned": [os.path.basename(s) for s in sources[1:]]})
 
-    report.bytes_read = sum(nbytes(d, layer.shape) for layer in layers for d in layer.dtypes)
+    report.bytes_read = sum(layer.nbytes_in for layer in layers)
     report.bytes_written = sum(nbytes(d, s) for _, d, s in entries)
     bar = None
     if progress:
@@ -254,7 +255,7 @@ def _stream(inputs, layers: list[Layer], entries, write, report: MergeReport, ba
     itemsize = np.dtype(NUMPY_DTYPES[compute_dtype]).itemsize
     ring = _Ring(min(sum(buffer_elems.values()), max(buffer_elems.values(), default=0) + _READ_AHEAD_BYTES // itemsize),
                  compute_dtype)
-    mapped = _Budget(max((_mapped_bytes(layer) for layer in floats), default=0) + _READ_AHEAD_BYTES)
+    mapped = _Budget(max((layer.nbytes_in for layer in floats), default=0) + _READ_AHEAD_BYTES)
     ready: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_layers, daemon=True,
                               args=(inputs, layers, buffer_elems, ring, mapped, compute_dtype, ready))
@@ -281,15 +282,11 @@ def _stream(inputs, layers: list[Layer], entries, write, report: MergeReport, ba
                 del w0, ws, item
             report.layers.append(stats)
             if bar is not None:
-                bar.update(sum(nbytes(d, layer.shape) for d in layer.dtypes))
+                bar.update(layer.nbytes_in)
     finally:
         ring.close()
         mapped.close()
         reader.join()
-
-
-def _mapped_bytes(layer: Layer) -> int:
-    return sum(nbytes(d, layer.shape) for d in layer.dtypes)
 
 
 def _cast_elems(layer: Layer, dtype: str, compute_dtype: str) -> int:
@@ -306,7 +303,7 @@ def _buffer_elems(layer: Layer, dtype: str, compute_dtype: str) -> int:
 def _releaser(ring: "_Ring", mapped: _Budget, layer: Layer):
     def release():
         ring.release()
-        mapped.release(_mapped_bytes(layer))
+        mapped.release(layer.nbytes_in)
     return release
 
 
@@ -361,7 +358,7 @@ def _read_layers(inputs, layers: list[Layer], buffer_elems: dict[str, int], ring
             if layer.kind == "copy":
                 ready.put([ck.read(name) for ck, name in zip(inputs, layer.names)])
                 continue
-            if not mapped.acquire(_mapped_bytes(layer)):
+            if not mapped.acquire(layer.nbytes_in):
                 return  # the main thread stopped
             region = ring.alloc(buffer_elems[layer.name])
             if region is None:

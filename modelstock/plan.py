@@ -51,6 +51,11 @@ class Layer:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def nbytes_in(self) -> int:
+        """The layer's bytes in all the inputs together (what reading it costs)."""
+        return sum(nbytes(d, self.shape) for d in self.dtypes)
+
 
 def dtype_name(dtype) -> str:
     """"bfloat16" for torch.bfloat16 (or for "bfloat16"): the names dtypes go by here."""
