@@ -14,3 +14,11 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def device():
+    """CUDA where there is one, else the CPU (kernels under the interpreter): tests/helpers.DEVICE."""
+    from .helpers import DEVICE
+
+    return DEVICE

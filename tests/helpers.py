@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import torch
 
+# The one device every device-dependent test runs on: CUDA where there is one, else the CPU
+# (the Triton kernels then run under TRITON_INTERPRET=1, set in conftest.py). Tests take it
+# through the `device` fixture or import it for parametrization; none branches on its own.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def spec_merge_fp64(w0, ws, *, granularity="tensor", clamp=True, eps=1e-8):
     """The spec's formula, literally, in fp64: one (cos, t) per tensor or per slice along dim 0.
@@ -40,8 +45,11 @@ def merge_tolerance(ref, w0, ws, out_dtype, compute_dtype=torch.float32, t=None)
 
 
 def assert_within(actual, expected, tol, what=""):
-    """Fail with the count and first positions of the elements outside ``tol``."""
-    actual = actual.double().reshape(expected.shape)
+    """Fail with the count and first positions of the elements outside ``tol``. The three
+    tensors may live on any devices: they are compared in fp64 on the CPU."""
+    expected = torch.as_tensor(expected).detach().double().cpu()
+    actual = actual.detach().double().cpu().reshape(expected.shape)
+    tol = torch.as_tensor(tol).detach().double().cpu()
     err = (actual - expected).abs()
     bad = ~(err <= tol)
     if bad.any():

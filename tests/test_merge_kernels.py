@@ -9,9 +9,8 @@ import modelstock
 from kernels import merge as kmerge
 from modelstock import MergeReport
 
-from .helpers import assert_within, finetuned_like, merge_tolerance, spec_merge_fp64
+from .helpers import DEVICE, assert_within, finetuned_like, merge_tolerance, spec_merge_fp64
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B2 = kmerge.block_size(2)  # elements per chunk for N = 2
 T2 = kmerge.tile_size(2, 2)  # elements per program for N = 2 in a 2-byte dtype (several chunks)
 

@@ -30,12 +30,12 @@ def train_step(model, opt, x, y):
 
 @pytest.mark.parametrize("keep_base", ["device", "host"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_periodic_merge_equals_the_reference_merge_after_k_steps(keep_base, backend):
-    pretrained = net(0)
-    models = [net(0) for _ in range(2)]
+def test_periodic_merge_equals_the_reference_merge_after_k_steps(keep_base, backend, device):
+    pretrained = net(0)  # the base stays where the user has it; models train on the device
+    models = [net(0).to(device) for _ in range(2)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     merger = PeriodicMerge(pretrained, models, every=3, keep_base=keep_base, backend=backend)
-    data = [batches(10 + i, 6) for i in range(2)]  # different data order per model
+    data = [[(x.to(device), y.to(device)) for x, y in batches(10 + i, 6)] for i in range(2)]  # own order each
     for step in range(6):
         for m, o, d in zip(models, opts, data):
             train_step(m, o, *d[step])
@@ -46,7 +46,8 @@ def test_periodic_merge_equals_the_reference_merge_after_k_steps(keep_base, back
         assert merged == ((step + 1) % 3 == 0)
         if merged:
             # Integer buffers (BatchNorm's step counter) follow the models, not w0.
-            base = dict(pretrained.state_dict(), **{"1.num_batches_tracked": snapshot[0]["1.num_batches_tracked"]})
+            base = {k: v.to(device) for k, v in pretrained.state_dict().items()}
+            base["1.num_batches_tracked"] = snapshot[0]["1.num_batches_tracked"]
             want = modelstock.merge(base, snapshot, backend="torch")
             for m in models:
                 for k, v in m.state_dict().items():
