@@ -7,7 +7,9 @@ are learned end to end.
     loss = task_loss + ComputeCostLoss(resnet, (1, 3, 224, 224), budget=1.5e9)()
 """
 from .cost import ComputeCostLoss, count_macs
-from .pool import DynOPool2d, dynopool2d
+from .pool import DynOPool2d, dynopool2d, plan_sizes, read_sizes_once
 from .surgery import replace_pooling
+from .training import param_groups
 
-__all__ = ["DynOPool2d", "dynopool2d", "count_macs", "ComputeCostLoss", "replace_pooling"]
+__all__ = ["DynOPool2d", "dynopool2d", "count_macs", "ComputeCostLoss", "replace_pooling", "plan_sizes",
+           "read_sizes_once", "param_groups"]

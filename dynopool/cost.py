@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .pool import DynOPool2d
+from .pool import DynOPool2d, output_sizes
 from .reference import straight_through_size
 
 
@@ -80,15 +80,20 @@ class _Trace:
             model.train(training)
             for h in handles:
                 h.remove()
-        self.sizes = {p: p.output_size(*hw) for p, hw in self.pool_inputs.items()}
+        self.sizes = self.current_sizes()
+
+    def current_sizes(self) -> dict:
+        """Every DynOPool's output size now, from one device-to-host read of their alphas."""
+        pools = list(self.pool_inputs)
+        return dict(zip(pools, output_sizes(pools, [self.pool_inputs[p] for p in pools])))
 
     def stale(self) -> bool:
-        return any(p.output_size(*hw) != self.sizes[p] for p, hw in self.pool_inputs.items())
+        return self.current_sizes() != self.sizes
 
     def cost(self) -> Tensor:
         factors = {}
         for p, (h, w) in self.pool_inputs.items():
-            h_out, w_out = p.output_size(h, w)
+            h_out, w_out = self.sizes[p]
             h_hat = straight_through_size(h, p.alpha[0].double(), h_out)
             w_hat = straight_through_size(w, p.alpha[1].double(), w_out)
             factors[p] = h_hat * w_hat / (h_out * w_out)

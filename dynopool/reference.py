@@ -19,13 +19,14 @@ clamp acts).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
-def check_inputs(x: Tensor, alpha: Tensor, delta: Tensor) -> tuple[int, int]:
-    """Clear errors for bad input; returns the output size (h_out, w_out). It depends on alpha's
-    value, so every call reads alpha (and delta, for its check) to the host, in one transfer."""
+def check_shapes(x: Tensor, alpha: Tensor, delta: Tensor) -> None:
+    """Clear errors for bad shapes and devices: no device-to-host read, so free per call."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[-2] < 1 or x.shape[-1] < 1:
@@ -34,18 +35,28 @@ def check_inputs(x: Tensor, alpha: Tensor, delta: Tensor) -> tuple[int, int]:
         raise ValueError(f"alpha and delta must hold 2 values (h, w), got {alpha.numel()} and {delta.numel()}")
     if alpha.device != x.device or delta.device != x.device:
         raise ValueError(f"alpha ({alpha.device}) and delta ({delta.device}) must be on x's device ({x.device})")
-    values = torch.cat([alpha.detach().reshape(2), delta.detach().reshape(2)]).to("cpu", torch.float64)
-    a, d = values[:2], values[2:]
-    if not bool(torch.isfinite(a).all()) or bool((a <= 0).any()):
-        raise ValueError(f"alpha (the inverse scale factor) must be finite and > 0, got {a.tolist()}")
-    if not bool(torch.isfinite(d).all()):
-        raise ValueError(f"delta (the query spread) must be finite, got {d.tolist()}")
-    return output_size(x.shape[2], float(a[0])), output_size(x.shape[3], float(a[1]))
+
+
+def check_inputs(x: Tensor, alpha: Tensor, delta: Tensor) -> tuple[int, int]:
+    """``check_shapes``, and alpha, delta valid; returns the output size (h_out, w_out). It
+    depends on alpha's value: this reads alpha and delta to the host, in one transfer."""
+    check_shapes(x, alpha, delta)
+    a_h, a_w, d_h, d_w = torch.cat([alpha.detach().reshape(2), delta.detach().reshape(2)]).tolist()
+    check_values((a_h, a_w), (d_h, d_w))
+    return output_size(x.shape[2], a_h), output_size(x.shape[3], a_w)
+
+
+def check_values(alpha, delta) -> None:
+    """alpha finite and > 0, delta finite (host values)."""
+    if not all(math.isfinite(a) and a > 0 for a in alpha):
+        raise ValueError(f"alpha (the inverse scale factor) must be finite and > 0, got {list(alpha)}")
+    if not all(math.isfinite(d) for d in delta):
+        raise ValueError(f"delta (the query spread) must be finite, got {list(delta)}")
 
 
 def output_size(size: int, alpha: float) -> int:
     """max(1, round(size / alpha)), rounding half to even like torch.round."""
-    return max(1, int(torch.round(torch.tensor(size / alpha, dtype=torch.float64))))
+    return max(1, round(size / alpha))  # Python's round: half to even, in float64
 
 
 def straight_through_size(size: int, alpha: Tensor, out: int) -> Tensor:
@@ -86,14 +97,23 @@ def interpolation_matrix(y: Tensor, size: int) -> Tensor:
     return a.index_put_((rows, y1), w1, accumulate=True)
 
 
-def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor) -> Tensor:
-    """The DynOPool operator; ``alpha`` and ``delta`` are 2-element tensors (h, w)."""
-    h_out, w_out = check_inputs(x, alpha, delta)
+def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """The DynOPool operator; ``alpha`` and ``delta`` are 2-element tensors (h, w). ``size``:
+    the output size if the caller already knows it (it must be ``output_size`` of alpha's
+    value); else alpha is read to the host and checked."""
+    if size is None:
+        size = check_inputs(x, alpha, delta)
+    else:
+        check_shapes(x, alpha, delta)
+    h_out, w_out = size
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    alpha, delta = alpha.to(compute), delta.to(compute)
-    size_hat = torch.stack([straight_through_size(x.shape[2], alpha[0], h_out),
-                            straight_through_size(x.shape[3], alpha[1], w_out)])
-    return sample_max(x, h_out, w_out, size_hat, delta)
+    # The operator's own precision, under autocast too: x is sampled in fp32 (fp64) and the
+    # result returned in x's dtype, as the kernels do.
+    with torch.autocast(x.device.type, enabled=False):
+        alpha, delta = alpha.to(compute), delta.to(compute)
+        size_hat = torch.stack([straight_through_size(x.shape[2], alpha[0], h_out),
+                                straight_through_size(x.shape[3], alpha[1], w_out)])
+        return sample_max(x, h_out, w_out, size_hat, delta)
 
 
 def sample_max(x: Tensor, h_out: int, w_out: int, size_hat: Tensor, delta: Tensor) -> Tensor:

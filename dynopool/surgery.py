@@ -12,7 +12,7 @@ import copy
 
 from torch import nn
 
-from .pool import DynOPool2d
+from .pool import DynOPool2d, read_sizes_once
 
 
 def _is_2x2_pool(m: nn.Module) -> bool:
@@ -35,9 +35,18 @@ def _replacement(m: nn.Module, pool: DynOPool2d) -> nn.Module:
     return pool
 
 
-def replace_pooling(model: nn.Module, *, delta: float = 0.25, learn_delta: bool = True) -> list[str]:
+def replace_pooling(model: nn.Module, *, delta: float = 0.25, learn_delta: bool = True,
+                    alpha_range=(1.0, 64.0), delta_range=(0.0, 1.0)) -> list[str]:
     """Replace ``model``'s 2x2 poolings and stride-2 convolutions in place (see the module
-    docstring). Returns one line per replacement, naming what became what and what is shared."""
+    docstring). Returns one line per replacement, naming what became what and what is shared.
+
+    Each new layer keeps alpha in ``alpha_range`` (default: from no change of resolution to a
+    64-fold reduction, so the network never costs more than its stride-1 version) and delta in
+    ``delta_range``. The model gets ``read_sizes_once``: one device-to-host read of all the
+    layers' parameters per forward."""
+    def new_pool():
+        return DynOPool2d(2.0, delta, learn_delta=learn_delta, alpha_range=alpha_range, delta_range=delta_range)
+
     done: list[str] = []
     shared: dict[int, tuple[DynOPool2d, str]] = {}
     names = {id(m): n for n, m in model.named_modules()}
@@ -50,7 +59,7 @@ def replace_pooling(model: nn.Module, *, delta: float = 0.25, learn_delta: bool 
         main = [m for n, m in block.named_children() if n != "downsample" and (_is_2x2_pool(m) or _is_stride2_conv(m))]
         side = [m for m in down.modules() if _is_2x2_pool(m) or _is_stride2_conv(m)]
         if len(main) == 1 and len(side) == 1:
-            pool = DynOPool2d(2.0, delta, learn_delta=learn_delta)
+            pool = new_pool()
             shared[id(main[0])] = (pool, names[id(side[0])])
             shared[id(side[0])] = (pool, names[id(main[0])])
 
@@ -59,10 +68,12 @@ def replace_pooling(model: nn.Module, *, delta: float = 0.25, learn_delta: bool 
             if not (_is_2x2_pool(child) or _is_stride2_conv(child)):
                 continue
             pool, partner = shared.get(id(child), (None, None))
-            pool = pool or DynOPool2d(2.0, delta, learn_delta=learn_delta)
+            pool = pool or new_pool()
             setattr(parent, child_name, _replacement(child, pool))
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             what = "stride-2 conv -> stride-1 conv + DynOPool2d" if isinstance(child, nn.Conv2d) else \
                 f"{type(child).__name__}(2, 2) -> DynOPool2d"
             done.append(f"{full}: {what}" + (f" (shared with {partner})" if partner else ""))
+    if done:
+        read_sizes_once(model)
     return done

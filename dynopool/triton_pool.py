@@ -1,11 +1,15 @@
-"""DynOPool on the Triton kernels (``kernels/dynopool.py``): one autograd.Function, the same
-operator as ``reference.dynopool2d`` (which the tests hold it to).
+"""DynOPool on the Triton kernels (``kernels/dynopool.py``): the same operator as
+``reference.dynopool2d`` (which the tests hold it to), for a known output size.
 
-Forward: the coordinate table (1 tiny launch), then the fused sampling + max (1 launch) that
-also keeps each output's winning query in 2 bits. Backward: the alpha/delta reduction (1
-launch + an fp64 sum of per-program partials) and the gather of x's gradient (1 tiny launch
-for the query ranges, 1 launch). Nothing but x, the winners and the table is kept for the
-backward.
+Forward: the coordinate table and query ranges (1 tiny launch), then the fused sampling + max
+(1 launch) that also keeps each output's winning query in 2 bits. Backward: the alpha/delta
+reduction (1 launch + an fp64 sum of per-program partials) and the gather of x's gradient (1
+launch). Nothing but x, the winners, the table and the ranges is kept for the backward, and
+nothing is read to the host.
+
+Eager calls go through an autograd.Function (the least host time per call); under
+torch.compile the same launchers run as two custom ops, which the compiler traces as opaque
+calls with a shape function, so a model compiles without a graph break here.
 """
 from __future__ import annotations
 
@@ -17,39 +21,92 @@ from . import reference
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _forward(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int):
+    from kernels import dynopool as k
+
+    tab, rng = k.coordinates(alpha, delta, x.shape[2], x.shape[3], h_out, w_out)
+    out, win = k.forward(x, tab, h_out, w_out)
+    return out, win, tab, rng
+
+
+def _backward(x: Tensor, grad: Tensor, win: Tensor, tab: Tensor, rng: Tensor, need_x: bool, need_coords: bool):
+    """(d x or None, d (alpha_h, alpha_w, delta_h, delta_w) in fp32 or None)."""
+    from kernels import dynopool as k
+
+    g_coords = k.coordinate_grads(x, grad, win, tab).float() if need_coords else None
+    g_x = k.input_grad(x, grad, win, tab, rng) if need_x else None
+    return g_x, g_coords
+
+
 class DynOPoolFunction(torch.autograd.Function):
     """out = DynOPool(x; alpha, delta) at the given output size; alpha and delta fp32 (2,)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int) -> Tensor:
-        from kernels import dynopool as k
-
-        tab = k.coordinates(alpha, delta, x.shape[2], x.shape[3], h_out, w_out)
-        out, win = k.forward(x, tab, h_out, w_out)
-        ctx.save_for_backward(x, win, tab)
+        out, win, tab, rng = _forward(x, alpha, delta, h_out, w_out)
+        ctx.save_for_backward(x, win, tab, rng)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        from kernels import dynopool as k
-
-        x, win, tab = ctx.saved_tensors
-        g_x = g_alpha = g_delta = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            g = k.coordinate_grads(x, grad, win, tab).float()
-            g_alpha, g_delta = g[:2], g[2:]
-        if ctx.needs_input_grad[0]:
-            h, w = x.shape[2:]
-            rng = k.ranges(tab, h, w, *win.shape[2:])
-            g_x = k.input_grad(x, grad, win, tab, rng)
-        return g_x, g_alpha, g_delta, None, None
+        x, win, tab, rng = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_x, g = _backward(x, grad, win, tab, rng, need[0], need[1] or need[2])
+        return g_x, g[:2] if need[1] else None, g[2:] if need[2] else None, None, None
 
 
-def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor) -> Tensor:
-    """DynOPool on the kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+# ---- the same, as custom ops for torch.compile
+
+@torch.library.custom_op("dynopool::pool", mutates_args=())
+def _pool_op(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward(x, alpha, delta, h_out, w_out)
+
+
+@_pool_op.register_fake
+def _(x, alpha, delta, h_out, w_out):
+    from kernels import dynopool as k
+
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if k.is_channels_last(x) else torch.contiguous_format
+    return (torch.empty((n, c, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt),
+            torch.empty((n, c, h_out, w_out), dtype=torch.int8, device=x.device, memory_format=fmt),
+            alpha.new_empty(k.table_size(h_out, w_out)), alpha.new_empty((h + w, 4), dtype=torch.int32))
+
+
+@torch.library.custom_op("dynopool::pool_backward", mutates_args=())
+def _pool_backward_op(x: Tensor, grad: Tensor, win: Tensor, tab: Tensor, rng: Tensor) -> tuple[Tensor, Tensor]:
+    return _backward(x, grad, win, tab, rng, True, True)
+
+
+@_pool_backward_op.register_fake
+def _(x, grad, win, tab, rng):
+    return torch.empty_like(x), tab.new_empty(4)
+
+
+def _setup_context(ctx, inputs, output):
+    x = inputs[0]
+    _, win, tab, rng = output
+    ctx.save_for_backward(x, win, tab, rng)
+    ctx.mark_non_differentiable(win, tab, rng)
+
+
+def _op_backward(ctx, grad, *unused):
+    g_x, g = _pool_backward_op(*ctx.saved_tensors[:1], grad, *ctx.saved_tensors[1:])
+    return g_x, g[:2], g[2:], None, None
+
+
+_pool_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int) -> Tensor:
+    """DynOPool on the kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1) at output
+    size (h_out, w_out), which must be ``reference.output_size`` of alpha's value."""
     if x.dtype not in DTYPES:
         raise ValueError(f"backend='triton' takes fp32, fp16 or bf16 inputs, got {x.dtype}; "
                          "use backend='torch' (the reference) for others")
-    h_out, w_out = reference.check_inputs(x, alpha, delta)
+    reference.check_shapes(x, alpha, delta)
     f32 = torch.float32
-    return DynOPoolFunction.apply(x, alpha.reshape(2).to(f32), delta.reshape(2).to(f32), h_out, w_out)
+    alpha, delta = alpha.reshape(2).to(f32).contiguous(), delta.reshape(2).to(f32).contiguous()
+    if torch.compiler.is_compiling():
+        return _pool_op(x, alpha, delta, h_out, w_out)[0]
+    return DynOPoolFunction.apply(x, alpha, delta, h_out, w_out)

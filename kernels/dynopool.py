@@ -6,7 +6,8 @@ Coordinates. Every output cell (i, j) reads query rows y_(i,k) and columns u_(j,
 computes them once per row and column into a table, with the two factors the backward needs
 per query row: d y / d alpha (through the straight-through cell size) and d y / d delta, both
 zero where the clamp acts. The other kernels read taps off that table, so forward and backward
-agree bit for bit on every tap and weight.
+agree bit for bit on every tap and weight. The same program then counts, for every input row
+and column, the query cells whose taps touch it (the ranges the gradient to x gathers over).
 
 Table layout (fp32, flat): [y_h (2 H_out) | fa_h (2 H_out) | fd_h (2 H_out) | y_w (2 W_out) |
 fa_w (2 W_out) | fd_w (2 W_out)], query r = 2 i + k (interleaved, as in the reference).
@@ -32,7 +33,7 @@ Backward to x (``input_grad``): a gather, not a scatter. Each program owns one i
 one image, a block of columns w and of channels c, and sums the gradients of the outputs whose
 winning query has a tap on its pixels: query rows of family k touching row h are those with
 y in [h - 1, h + 1), a contiguous range of i because y is non-decreasing in i (``ranges``
-counts them once per backward); the same along the width. Deterministic (fixed order, no
+counts them once per forward, with the table); the same along the width. Deterministic (fixed order, no
 atomics), no fp32 scratch the size of x, and each x element is written once in its dtype.
 
 Layouts: explicit strides everywhere (NCHW, channels_last, or any view); offsets in int64.
@@ -52,7 +53,7 @@ import triton.language as tl
 # programs per SM; smaller tiles trade that for more programs.
 _ELEMS = int(os.environ.get("MODELSTOCK_DYNOPOOL_ELEMS", 1024))
 _NUM_WARPS = int(os.environ.get("MODELSTOCK_DYNOPOOL_WARPS", 4))
-_RANGE_BLOCK = 64  # input rows (columns) per program of the tiny ranges kernel
+_RANGE_BLOCK = 64  # input rows (columns) per step of the ranges loop
 
 
 # --------------------------------------------------------------------------- coordinates
@@ -82,13 +83,6 @@ def _axis_coordinates(alpha_ptr, delta_ptr, tab, size, out, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _coordinates_kernel(alpha_ptr, delta_ptr, tab, H, W, H_out, W_out, BLOCK: tl.constexpr):
-    """One program: the coordinate table of both axes (see the module docstring)."""
-    _axis_coordinates(alpha_ptr, delta_ptr, tab, H, H_out, BLOCK)
-    _axis_coordinates(alpha_ptr + 1, delta_ptr + 1, tab + 6 * H_out, W, W_out, BLOCK)
-
-
-@triton.jit
 def _axis_ranges(ytab, rng, size, out, h0, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr):
     """For input rows h0..h0+BLOCK_S of one axis and each family k, the query range
     [lo, hi) = [#{i: y_ik < h - 1}, #{i: y_ik < h + 1}) of the cells whose tap touches h."""
@@ -115,15 +109,19 @@ def _axis_ranges(ytab, rng, size, out, h0, BLOCK_S: tl.constexpr, BLOCK_Q: tl.co
 
 
 @triton.jit
-def _ranges_kernel(tab, rng, H, W, H_out, W_out, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Programs [0, cdiv(H, BLOCK_S)) own blocks of input rows, the rest blocks of columns;
-    rng is int32 (H + W, 4): lo_0, hi_0, lo_1, hi_1 per input row, then per input column."""
-    pid = tl.program_id(0)
-    blocks_h = tl.cdiv(H, BLOCK_S)
-    if pid < blocks_h:
-        _axis_ranges(tab, rng, H, H_out, pid * BLOCK_S, BLOCK_S, BLOCK_Q)
-    else:
-        _axis_ranges(tab + 6 * H_out, rng + 4 * H, W, W_out, (pid - blocks_h) * BLOCK_S, BLOCK_S, BLOCK_Q)
+def _coordinates_kernel(alpha_ptr, delta_ptr, tab, rng, H, W, H_out, W_out,
+                        BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """One program: the coordinate table of both axes, then (reading it back) the query
+    ranges of every input row and column. rng is int32 (H + W, 4): lo_0, hi_0, lo_1, hi_1 per
+    input row, then per input column. One launch per forward for all of it: these are tiny,
+    and a launch costs the host more than the GPU."""
+    _axis_coordinates(alpha_ptr, delta_ptr, tab, H, H_out, BLOCK)
+    _axis_coordinates(alpha_ptr + 1, delta_ptr + 1, tab + 6 * H_out, W, W_out, BLOCK)
+    tl.debug_barrier()  # the table's stores are visible to every thread of the program
+    for h0 in range(0, H, BLOCK_S):
+        _axis_ranges(tab, rng, H, H_out, h0, BLOCK_S, BLOCK_Q)
+    for w0 in range(0, W, BLOCK_S):
+        _axis_ranges(tab + 6 * H_out, rng + 4 * H, W, W_out, w0, BLOCK_S, BLOCK_Q)
 
 
 # --------------------------------------------------------------------------- taps
@@ -316,7 +314,7 @@ def _blocks(inner: int, channels: int, channels_last: bool) -> tuple[int, int]:
     return bw, max(1, min(triton.next_power_of_2(channels), _ELEMS // bw))
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
+def is_channels_last(t: torch.Tensor) -> bool:
     """Dense channels_last (the reference's rule for its output's layout)."""
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
@@ -325,21 +323,18 @@ def table_size(h_out: int, w_out: int) -> int:
     return 6 * (h_out + w_out)
 
 
-def coordinates(alpha: torch.Tensor, delta: torch.Tensor, h: int, w: int, h_out: int, w_out: int) -> torch.Tensor:
-    """The fp32 coordinate table (module docstring) from fp32 alpha, delta (2,) on x's device."""
+def coordinates(alpha: torch.Tensor, delta: torch.Tensor, h: int, w: int, h_out: int,
+                w_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, ranges) from fp32 alpha, delta (2,) on x's device: the fp32 coordinate table
+    (module docstring) and int32 (h + w, 4), per input row, then column, the query cells
+    [lo_k, hi_k) touching it."""
     tab = torch.empty(table_size(h_out, w_out), dtype=torch.float32, device=alpha.device)
+    rng = torch.empty(h + w, 4, dtype=torch.int32, device=alpha.device)
     block = min(1024, triton.next_power_of_2(2 * max(h_out, w_out)))
-    _coordinates_kernel[(1,)](alpha, delta, tab, h, w, h_out, w_out, BLOCK=block)
-    return tab
-
-
-def ranges(tab: torch.Tensor, h: int, w: int, h_out: int, w_out: int) -> torch.Tensor:
-    """int32 (h + w, 4): per input row, then column, the query cells [lo_k, hi_k) touching it."""
-    rng = torch.empty(h + w, 4, dtype=torch.int32, device=tab.device)
     block_q = min(256, triton.next_power_of_2(max(h_out, w_out)))
-    grid = (triton.cdiv(h, _RANGE_BLOCK) + triton.cdiv(w, _RANGE_BLOCK),)
-    _ranges_kernel[grid](tab, rng, h, w, h_out, w_out, BLOCK_S=_RANGE_BLOCK, BLOCK_Q=block_q)
-    return rng
+    _coordinates_kernel[(1,)](alpha, delta, tab, rng, h, w, h_out, w_out,
+                              BLOCK=block, BLOCK_S=_RANGE_BLOCK, BLOCK_Q=block_q)
+    return tab, rng
 
 
 def _out_grid(n: int, c: int, h_out: int, w_out: int, bj: int, bc: int) -> tuple[int]:
@@ -349,7 +344,7 @@ def _out_grid(n: int, c: int, h_out: int, w_out: int, bj: int, bc: int) -> tuple
 def forward(x: torch.Tensor, tab: torch.Tensor, h_out: int, w_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, winner) for x (N, C, H, W) in any layout; out is channels_last when x is."""
     n, c, h, w = x.shape
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     out = torch.empty((n, c, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt)
     win = torch.empty((n, c, h_out, w_out), dtype=torch.int8, device=x.device, memory_format=fmt)
     if out.numel() == 0:
@@ -367,7 +362,7 @@ def coordinate_grads(x: torch.Tensor, grad: torch.Tensor, win: torch.Tensor, tab
     h_out, w_out = win.shape[-2:]
     if win.numel() == 0:
         return torch.zeros(4, dtype=torch.float64, device=x.device)
-    cl = _is_channels_last(win)
+    cl = is_channels_last(win)
     bj, bc = _blocks(w_out, c, cl)
     grid = _out_grid(n, c, h_out, w_out, bj, bc)
     partials = torch.empty(grid[0], 4, dtype=torch.float32, device=x.device)
@@ -385,7 +380,7 @@ def input_grad(x: torch.Tensor, grad: torch.Tensor, win: torch.Tensor, tab: torc
     gx = torch.empty_like(x)
     if gx.numel() == 0:
         return gx
-    cl = _is_channels_last(gx)
+    cl = is_channels_last(gx)
     bw, bc = _blocks(w, c, cl)
     grid = (n * h * triton.cdiv(c, bc) * triton.cdiv(w, bw),)
     _input_grad_kernel[grid](

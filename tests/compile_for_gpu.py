@@ -27,10 +27,9 @@ SIZES = {"C": I32, "H": I32, "W": I32, "H_out": I32, "W_out": I32}
 
 def kernels(dt, cl):
     return [
-        (kd._coordinates_kernel, {"alpha_ptr": "*fp32", "delta_ptr": "*fp32", "tab": "*fp32", "H": I32, "W": I32,
-                                  "H_out": I32, "W_out": I32}, {"BLOCK": 128}),
-        (kd._ranges_kernel, {"tab": "*fp32", "rng": "*i32", "H": I32, "W": I32, "H_out": I32, "W_out": I32},
-         {"BLOCK_S": 64, "BLOCK_Q": 64}),
+        (kd._coordinates_kernel, {"alpha_ptr": "*fp32", "delta_ptr": "*fp32", "tab": "*fp32", "rng": "*i32",
+                                  "H": I32, "W": I32, "H_out": I32, "W_out": I32},
+         {"BLOCK": 128, "BLOCK_S": 64, "BLOCK_Q": 64}),
         (kd._forward_kernel, {"x": f"*{dt}", "out": f"*{dt}", "win": "*i8", "tab": "*fp32", **SIZES,
                               **strides("sx", "so")}, {"BLOCK_J": 16, "BLOCK_C": 64, "CL": cl}),
         (kd._coordinate_grads_kernel, {"x": f"*{dt}", "grad": f"*{dt}", "win": "*i8", "tab": "*fp32",

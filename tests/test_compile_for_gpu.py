@@ -16,4 +16,4 @@ def test_kernels_compile_for_sm90():
     script = Path(__file__).with_name("compile_for_gpu.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 21
+    assert done.stdout.count("compiled") == 18  # 3 merge kernels x 2 dtypes, 4 DynOPool kernels x 3 cases

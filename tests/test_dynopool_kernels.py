@@ -38,7 +38,7 @@ def truth(x, alpha, delta, grad):
     d = delta.detach().double().cpu().requires_grad_()
     a_vals = a.tolist()
     h_out, w_out = reference.output_size(h, a_vals[0]), reference.output_size(w, a_vals[1])
-    tab = k.coordinates(alpha.detach().float().to(DEVICE), delta.detach().float().to(DEVICE), h, w, h_out, w_out)
+    tab, _ = k.coordinates(alpha.detach().float().to(DEVICE), delta.detach().float().to(DEVICE), h, w, h_out, w_out)
     tab = tab.cpu().double()
     yq = tab[: 2 * h_out].clone().requires_grad_()
     xq = tab[6 * h_out: 6 * h_out + 2 * w_out].clone().requires_grad_()
@@ -125,7 +125,7 @@ def test_coordinate_table_matches_fp64_queries_and_derivatives(alpha, delta, sha
     a = torch.tensor(alpha, dtype=torch.float32).double().requires_grad_()
     d = torch.tensor(delta, dtype=torch.float32).double().requires_grad_()
     sizes = [reference.output_size(h, alpha[0]), reference.output_size(w, alpha[1])]
-    tab = k.coordinates(a.detach().float().to(DEVICE), d.detach().float().to(DEVICE), h, w, *sizes).cpu().double()
+    tab = k.coordinates(a.detach().float().to(DEVICE), d.detach().float().to(DEVICE), h, w, *sizes)[0].cpu().double()
     start = 0
     for axis, (size, size_out) in enumerate(((h, sizes[0]), (w, sizes[1]))):
         y = reference.queries(size, size_out, reference.straight_through_size(size, a[axis], size_out), d[axis])
@@ -141,11 +141,12 @@ def test_coordinate_table_matches_fp64_queries_and_derivatives(alpha, delta, sha
 
 
 @pytest.mark.parametrize("alpha,delta,shape", CONFIGS)
-def test_ranges_are_the_cells_whose_taps_touch_each_row(alpha, delta, shape):
+def test_ranges_are_the_cells_whose_taps_touch_each_row(alpha, delta, shape, monkeypatch):
+    monkeypatch.setattr(k, "_RANGE_BLOCK", 4)  # several steps of the ranges loop per axis
     h, w = shape[2:]
     sizes = [reference.output_size(h, alpha[0]), reference.output_size(w, alpha[1])]
-    tab = k.coordinates(torch.tensor(alpha, device=DEVICE), torch.tensor(delta, device=DEVICE), h, w, *sizes)
-    rng = k.ranges(tab, h, w, *sizes).cpu()
+    tab, rng = k.coordinates(torch.tensor(alpha, device=DEVICE), torch.tensor(delta, device=DEVICE), h, w, *sizes)
+    rng = rng.cpu()
     tab = tab.cpu()
     start = 0
     for axis, (size, size_out) in enumerate(((h, sizes[0]), (w, sizes[1]))):
