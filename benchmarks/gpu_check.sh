@@ -2,11 +2,14 @@
 # The GPU check, run once on a lent GPU machine (its own torch and triton; nothing installed
 # but the carried wheels in .whl/, e.g. open_clip for the model shapes; `make gpu-wheels`):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# Steps (STEPS="tests merge dynopool files" by default; each has its own time limit, together
-# under the 600 s a call may take):
-#   tests     the test suite, the Triton kernels and the file pipeline on CUDA      (150 s)
+# Steps (STEPS="tests dynopool net" by default; each has its own time limit, together under
+# the 600 s a call may take; "merge" and "files" are for a call of their own):
+#   tests     the whole suite on CUDA; the log, ending in pytest's summary, is
+#             gpu-tests-<device>-<date>.log; any failure fails the step          (200 s)
+#   dynopool  DynOPool fwd+bwd: Triton vs reference vs max_pool2d                    (110 s)
+#   net       ResNet-50 training step: DynOPool vs max pool vs reference, eager and
+#             compiled (benchmarks/gpu_net.py)                                       (270 s)
 #   merge     in-memory merge: Triton vs loop vs foreach, with a per-pass breakdown (150 s)
-#   dynopool  DynOPool fwd+bwd: Triton vs reference vs max_pool2d                    (150 s)
 #   files     file-to-file merge --device cuda vs CPU vs a plain read of the files   (120 s)
 # SWEEP=1 adds sweeps of the kernels' settings before merge (chunks x pipeline stages per
 # dtype size, on ViT-bigG-14) and dynopool (elements/warps per program), then runs those steps
@@ -15,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-tests merge dynopool files}
+STEPS=${STEPS:-tests dynopool net}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -49,7 +52,13 @@ sweep() {
 for step in $STEPS; do
     case $step in
     tests)
-        timeout 150 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -30 | tee "$OUT/gpu-tests.log" || status=1 ;;
+        log="$OUT/gpu-tests-$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")-$(date +%F).log"
+        xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")  # the GPU machine has pytest-xdist
+        timeout 200 python3 -m pytest -q -p no:cacheprovider -rfEs $xdist tests > "$log" 2>&1
+        rc=$?
+        [ $rc -eq 124 ] && echo "tests: cut off at 200 s" >> "$log"
+        tail -40 "$log"
+        [ $rc -eq 0 ] || status=1 ;;
     merge)
         if [ "${SWEEP:-0}" = 1 ]; then
             # chunks x stages per itemsize; 2:1x1 is the kernel as first measured (one chunk per program)
@@ -67,7 +76,9 @@ for step in $STEPS; do
                 "MODELSTOCK_DYNOPOOL_ELEMS=1024 MODELSTOCK_DYNOPOOL_WARPS=4" \
                 "MODELSTOCK_DYNOPOOL_ELEMS=2048 MODELSTOCK_DYNOPOOL_WARPS=8"
         fi
-        timeout 150 python3 benchmarks/gpu_dynopool.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-dynopool.log" || status=1 ;;
+        timeout 110 python3 benchmarks/gpu_dynopool.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-dynopool.log" || status=1 ;;
+    net)
+        timeout 270 python3 benchmarks/gpu_net.py --out "$OUT" --steps 10 2>&1 | tee "$OUT/gpu-bench-net.log" || status=1 ;;
     files)
         timeout 120 python3 benchmarks/gpu_files.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-files.log" || status=1 ;;
     *)

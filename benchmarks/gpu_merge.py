@@ -84,10 +84,11 @@ def passes(merger, bytes_read: int, total_ms: float) -> dict:
             kmerge.gram(g.inputs, g.tiles, g.seg_tiles, g.n, g.aligned, g.partials)
 
     ratios = [torch.full((g.seg_tiles.shape[0],), 0.5, device=g.tiles.device) for g in groups]
+    ok = torch.ones(1, dtype=torch.int32, device=groups[0].tiles.device) if groups else None
 
     def merge():
         for g, t in zip(groups, ratios):
-            kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, t, g.n, g.aligned)
+            kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, t, g.n, g.aligned, ok)
 
     gram_ms = do_bench(gram, warmup=50, rep=300, return_mode="median")
     merge_ms = do_bench(merge, warmup=50, rep=300, return_mode="median")

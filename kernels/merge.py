@@ -182,11 +182,15 @@ def _merge_chunk(base, off0, offw, rmask, out, idx, mask, ratio, n, MASKED: tl.c
 
 
 @triton.jit
-def _merge_tiles_kernel(base, offs_tab, out, out_offs, tiles, tile_seg, t, n, stride, NPAD: tl.constexpr,
+def _merge_tiles_kernel(base, offs_tab, out, out_offs, tiles, tile_seg, t, ok, n, stride, NPAD: tl.constexpr,
                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, STAGES: tl.constexpr):
     """out = w0 + t[seg] * (mean_i(w_i) - w0) over one tile, in fp32, stored in out's dtype.
     Program ``pid`` owns tile ``pid``, chunked as in the Gram pass; the output may be one of the
-    inputs (same offsets): every element is loaded before it is stored."""
+    inputs (same offsets): every element is loaded before it is stored. Nothing is written
+    when ``ok[0]`` is 0 (some ratio is not finite): the launch need not wait for the host's
+    check, which comes after it and raises."""
+    if tl.load(ok) == 0:
+        return
     pid = tl.program_id(0).to(tl.int64)
     layer, start, end, idx, full = _tile(tiles, pid, ALIGNED, BLOCK)
     off0, offw, rmask = _offsets(offs_tab, layer, stride, n, NPAD, ALIGNED)
@@ -273,12 +277,13 @@ def gram(inputs: Addresses, tiles: torch.Tensor, seg_tiles: torch.Tensor, n: int
 
 
 def merge(inputs: Addresses, outputs: Addresses, tiles: torch.Tensor, tile_seg: torch.Tensor, t: torch.Tensor,
-          n: int, is_aligned: bool) -> None:
-    """Write every layer's merged weights (``t``: fp32, one per segment) to the outputs."""
+          n: int, is_aligned: bool, ok: torch.Tensor) -> None:
+    """Write every layer's merged weights (``t``: fp32, one per segment) to the outputs, unless
+    ``ok`` (int32 (1,), on the device) is 0."""
     npad = padded_models(n)
     chunks, stages = pipeline(inputs.base.element_size())
     if tiles.shape[0]:
         _merge_tiles_kernel[(tiles.shape[0],)](inputs.base, inputs.offs, outputs.base, outputs.offs.view(-1), tiles,
-                                               tile_seg, t, n, inputs.offs.stride(0),
+                                               tile_seg, t, ok, n, inputs.offs.stride(0),
                                                NPAD=npad, ALIGNED=is_aligned, BLOCK=block_size(npad),
                                                CHUNKS=chunks, STAGES=stages, num_warps=_NUM_WARPS)

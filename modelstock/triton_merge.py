@@ -78,15 +78,18 @@ class Prepared:
 
 def run(p: Prepared, sources: Sequence[str], *, eps: float, clamp: bool, stats: bool = True) -> list[LayerStats | None]:
     """Merge the prepared layers into their outputs; each layer's figures (None if not ``stats``).
-    One host synchronisation per group, for the NaN / inf check."""
+    One host synchronisation per group, for the NaN / inf check, after the merge's launch (so
+    the GPU runs the two passes back to back): the merge writes nothing unless every ratio of
+    the group is finite, and the check then raises."""
     result: list[LayerStats | None] = [None] * len(p.layers)
     for g in p.groups:
         gram = kmerge.gram(g.inputs, g.tiles, g.seg_tiles, g.n, g.aligned, g.partials)
         r = ratio(gram, eps=eps, clamp=clamp)
         finite = torch.isfinite(r.norms).all(1) & torch.isfinite(r.t)
-        if not bool(finite.all()):
+        ok = finite.all().to(torch.int32).reshape(1)
+        kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, r.t.to(torch.float32), g.n, g.aligned, ok)
+        if not bool(ok):
             _raise_non_finite(g, finite, p.layers, p.tensors, sources)
-        kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, r.t.to(torch.float32), g.n, g.aligned)
         if stats or not clamp:
             host = Ratio(*(x.cpu() for x in (r.norms, r.cos_pairs, r.cos, r.t, r.clamped)))
             for i, (s0, s1) in zip(g.layers, g.segments):

@@ -232,3 +232,15 @@ def test_cuda_graph_capture_and_replay_follow_alpha():
 
 def test_public_names():
     assert {"param_groups", "plan_sizes", "read_sizes_once"} <= set(dynopool.__all__)
+
+
+def test_network_benchmark_script_writes_its_record(tmp_path, device):
+    # benchmarks/gpu_net.py, the step gpu_check.sh runs on a GPU, on a small network here
+    from benchmarks import gpu_net
+
+    record = gpu_net.run(tmp_path, arch="resnet18", batch=2, size=32, device=device.type, warmup=1, steps=1,
+                         compile_modes=("eager",))
+    (case,) = record["cases"]
+    assert record["suite"] == "dynopool_net" and case["name"] == "resnet18-b2-32-bf16-cl-eager"
+    assert set(case["ms"]) == set(gpu_net.VARIANTS) and case["vs_maxpool"] > 0
+    assert len(list(tmp_path.glob("gpu-dynopool_net-*.json"))) == 1

@@ -104,6 +104,21 @@ def test_nan_is_refused_naming_the_input():
     assert (e.value.source, e.value.tensor) == ("finetuned[1]", "b")
 
 
+def test_in_place_merge_with_a_nan_leaves_every_model_untouched():
+    # the merge pass is launched before the host's check: it must write nothing at all
+    torch.manual_seed(2)
+    net = lambda: nn.Sequential(nn.Linear(6, 20), nn.Linear(20, 2)).to(DEVICE)  # noqa: E731
+    base, m1, m2 = net(), net(), net()
+    with torch.no_grad():
+        m2[1].bias[0] = float("nan")
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (m1, m2)]
+    with pytest.raises(modelstock.InputError, match="NaN or inf"):
+        modelstock.merge_([m1, m2], base, [m1, m2], backend="triton")
+    for m, saved in zip((m1, m2), before):
+        assert all(torch.equal(v, saved[k]) or torch.allclose(v, saved[k], equal_nan=True, rtol=0, atol=0)
+                   for k, v in m.state_dict().items())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # tiles of one chunk, of several
 def test_gram_launcher_against_fp64_with_segments(dtype):
     # Two layers, the second cut into 3 rows: 4 segments, tiles never crossing one.
