@@ -5,10 +5,10 @@
 # Steps (STEPS="tests dynopool net" by default; each has its own time limit, together under
 # the 600 s a call may take; "merge" and "files" are for a call of their own):
 #   tests     the whole suite on CUDA; the log, ending in pytest's summary, is
-#             gpu-tests-<device>-<date>.log; any failure fails the step          (200 s)
-#   dynopool  DynOPool fwd+bwd: Triton vs reference vs max_pool2d                    (110 s)
+#             gpu-tests-<device>-<date>.log; any failure fails the step          (180 s)
+#   dynopool  DynOPool fwd+bwd: Triton vs reference vs max_pool2d                     (90 s)
 #   net       ResNet-50 training step: DynOPool vs max pool vs reference, eager and
-#             compiled (benchmarks/gpu_net.py)                                       (270 s)
+#             compiled (benchmarks/gpu_net.py)                                       (290 s)
 #   merge     in-memory merge: Triton vs loop vs foreach, with a per-pass breakdown (150 s)
 #   files     file-to-file merge --device cuda vs CPU vs a plain read of the files   (120 s)
 # SWEEP=1 adds sweeps of the kernels' settings before merge (chunks x pipeline stages per
@@ -54,9 +54,9 @@ for step in $STEPS; do
     tests)
         log="$OUT/gpu-tests-$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")-$(date +%F).log"
         xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")  # the GPU machine has pytest-xdist
-        timeout 200 python3 -m pytest -q -p no:cacheprovider -rfEs $xdist tests > "$log" 2>&1
+        timeout 180 python3 -m pytest -q -p no:cacheprovider -rfEs $xdist tests > "$log" 2>&1
         rc=$?
-        [ $rc -eq 124 ] && echo "tests: cut off at 200 s" >> "$log"
+        [ $rc -eq 124 ] && echo "tests: cut off at 180 s" >> "$log"
         tail -40 "$log"
         [ $rc -eq 0 ] || status=1 ;;
     merge)
@@ -67,7 +67,7 @@ for step in $STEPS; do
                 "MODELSTOCK_MERGE_PIPELINE=2:8x3,4:4x3" "MODELSTOCK_MERGE_PIPELINE=2:4x4,4:4x3" \
                 "MODELSTOCK_MERGE_PIPELINE=2:4x3,4:1x1 MODELSTOCK_MERGE_WARPS=8"
         fi
-        timeout 150 python3 benchmarks/gpu_merge.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-merge.log" || status=1 ;;
+        timeout 150 python3 benchmarks/gpu_merge.py --out "$OUT" ${MERGE_ARGS:-} 2>&1 | tee "$OUT/gpu-bench-merge.log" || status=1 ;;
     dynopool)
         if [ "${SWEEP:-0}" = 1 ]; then
             SWEEP_ARGS="" sweep gpu_dynopool.py \
@@ -76,9 +76,9 @@ for step in $STEPS; do
                 "MODELSTOCK_DYNOPOOL_ELEMS=1024 MODELSTOCK_DYNOPOOL_WARPS=4" \
                 "MODELSTOCK_DYNOPOOL_ELEMS=2048 MODELSTOCK_DYNOPOOL_WARPS=8"
         fi
-        timeout 110 python3 benchmarks/gpu_dynopool.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-dynopool.log" || status=1 ;;
+        timeout 90 python3 benchmarks/gpu_dynopool.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-dynopool.log" || status=1 ;;
     net)
-        timeout 270 python3 benchmarks/gpu_net.py --out "$OUT" --steps 10 2>&1 | tee "$OUT/gpu-bench-net.log" || status=1 ;;
+        timeout 290 python3 benchmarks/gpu_net.py --out "$OUT" --steps 10 2>&1 | tee "$OUT/gpu-bench-net.log" || status=1 ;;
     files)
         timeout 120 python3 benchmarks/gpu_files.py --out "$OUT" 2>&1 | tee "$OUT/gpu-bench-files.log" || status=1 ;;
     *)
