@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -34,11 +35,25 @@ def ratio(g, *, eps: float = EPS, clamp: bool = True) -> Ratio:
         return _ratio(g, eps, clamp)
 
 
+def _pairs(n: int) -> tuple[list[int], list[int]]:
+    """(i, j) of the pairs i < j, in the order of ``Ratio.cos_pairs``."""
+    return [a for a in range(n) for b in range(a + 1, n)], [b for a in range(n) for b in range(a + 1, n)]
+
+
+@functools.lru_cache(maxsize=16)
+def _device_pairs(n: int, device):
+    """``_pairs`` as index tensors on ``device``, made once: indexing a CUDA tensor with Python
+    lists copies them to the device each time, and a pageable copy waits for the GPU (here:
+    for the Gram pass), so the host would fall behind between the merge's two passes."""
+    import torch
+
+    return tuple(torch.tensor(v, dtype=torch.int64, device=device) for v in _pairs(n))
+
+
 def _ratio(g, eps: float, clamp: bool) -> Ratio:
     n = g.shape[-1]
     norms = g.diagonal(0, -2, -1).clip(0, None) ** 0.5
-    i = [a for a in range(n) for b in range(a + 1, n)]
-    j = [b for a in range(n) for b in range(a + 1, n)]
+    i, j = _pairs(n) if isinstance(g, np.ndarray) else _device_pairs(n, g.device)
     cos_pairs = g[:, i, j] / (norms[:, i] * norms[:, j] + eps)
     authors = cos_pairs.mean(1).clip(-1.0, 1.0)
     cos = authors.clip(0.0, 1.0) if clamp else authors

@@ -92,7 +92,7 @@ def test_param_groups_recipe_trains():
     assert all(math.isfinite(v) for v in train(model, opt, 6))
     # the recipe moves alpha, by less than a cell's worth in a few steps (plain SGD at 0.1 on
     # every parameter moves it by several: test_resnet18_trains_with_every_parameter_in_one_group)
-    moved = [float((p.alpha - s).abs().max()) for s, p in zip(start, pools(model))]
+    moved = [float((p.alpha.detach() - s).abs().max()) for s, p in zip(start, pools(model))]
     assert 0 < max(moved) < 1, moved
     check_in_range(model)
 
@@ -174,7 +174,7 @@ def test_one_host_read_per_model_forward(monkeypatch):
     assert all(p._plan is None for p in pools(model))  # plans last one forward
 
 
-def test_compiled_model_is_one_graph_and_recompiles_only_on_a_size_change(device):
+def test_compiled_model_breaks_only_at_the_size_read_and_recompiles_only_on_a_size_change(device):
     from torch._dynamo.utils import counters
 
     torch.manual_seed(5)
@@ -193,9 +193,14 @@ def test_compiled_model_is_one_graph_and_recompiles_only_on_a_size_change(device
         torch.testing.assert_close(out, want, rtol=0, atol=0)
         out.sum().backward()
         graphs.append(counters["stats"]["unique_graphs"])
+        if step == 2:
+            # the only graph breaks: the one host read per forward, in the model's pre-hook
+            # (torch 2.14 traces the hook's call as one frame, 2.11 as two)
+            reasons = list(counters["graph_break"])
+            assert reasons and all("plan_sizes" in r for r in reasons), reasons
         with torch.no_grad():
             net[1].alpha.add_(0.01 if step < 2 else 0.3)  # a size change after step 2
-    assert graphs[0] == graphs[1] == graphs[2] == 1, graphs  # one graph, no recompile as alpha moves
+    assert graphs[0] == graphs[1] == graphs[2], graphs  # no recompile as alpha moves
     assert graphs[3] > graphs[2], graphs  # 12 / 2.02 -> 6 cells: recompiled, right shape (checked above)
 
 
