@@ -112,7 +112,9 @@ class DynOPool2d(nn.Module):
                 self.delta.clamp_(*self.delta_range)
             # a layer called twice per forward (a shared pool) projects once: a second
             # in-place write would invalidate what the first call saved for its backward
-            self._plan = plan = (plan[0], plan[1], False)
+            # (without a model's plan, the second call reads the projected values itself)
+            if self._plan is plan:
+                self._plan = (plan[0], plan[1], False)
         return dynopool2d(x, self.alpha, self.delta, backend=self.backend, output_size=plan[1])
 
     @torch.compiler.disable  # a host read: one graph break, only where no plan was made
@@ -153,7 +155,10 @@ def _read_values(layers) -> list[list[float]]:
 def plan_sizes(model: nn.Module) -> None:
     """Read every DynOPool2d's alpha and delta in ``model`` in one copy and plan each layer's
     output size for an input of the size it saw last. A layer without a plan for its input
-    size (the first forward, a new resolution) reads its own values when it runs."""
+    size (the first forward, a new resolution) reads its own values when it runs. A plan holds
+    until it is replaced or dropped: ``read_sizes_once`` makes one per forward and drops it at
+    the end; called by hand (to freeze the sizes for a CUDA graph), call it again when alpha
+    has moved, or the layers keep the sizes it planned."""
     layers = [m for m in model.modules() if isinstance(m, DynOPool2d)]
     if not layers:
         return

@@ -117,6 +117,23 @@ def test_out_of_range_parameters_are_projected_and_the_gradient_is_taken_there(b
     assert torch.equal(pool.alpha.grad, at_bounds.alpha.grad) and torch.equal(pool.delta.grad, at_bounds.delta.grad)
 
 
+def test_a_shared_layer_projects_once_and_keeps_no_stale_size():
+    # a layer called twice in one forward (a residual block's shared pool) on the reference,
+    # which saves alpha for its backward: one projection, a working backward, and the next
+    # forward takes its size from alpha's new value
+    torch.manual_seed(7)
+    pool = DynOPool2d(2.0, 0.25, backend="torch", alpha_range=(1.0, 4.0))
+    x1, x2 = torch.randn(1, 2, 12, 12, requires_grad=True), torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        pool.alpha.fill_(0.5)  # below the range: projected to 1 at the first call
+    out = pool(x1).sum() + pool(x2).sum()
+    out.backward()
+    assert pool.alpha.tolist() == [1.0, 1.0] and x1.grad is not None
+    with torch.no_grad():
+        pool.alpha.fill_(3.0)
+    assert pool(x1).shape[-2:] == (4, 4)
+
+
 def test_bad_ranges_and_non_finite_parameters_are_clear_errors():
     with pytest.raises(ValueError, match="alpha_range"):
         DynOPool2d(alpha_range=(0.0, 4.0))
