@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 import uuid
 from pathlib import Path
@@ -303,11 +304,13 @@ def open_checkpoint(path: str | os.PathLike):
 
 
 class _AtomicFile:
-    """A file written under a temporary name beside its target and renamed on commit."""
+    """A file written under a temporary name beside its target and renamed on commit. The
+    name carries the writing process's id (``.<target>.<pid>-<random>.tmp``), so that what a
+    killed process left behind can be told from what a live one is writing."""
 
     def __init__(self, target: Path, durable: bool = False):
         self.target, self.durable = target, durable
-        self.tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self.tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         self.f = open(self.tmp, "xb")
 
     def write(self, data) -> None:
@@ -325,6 +328,35 @@ class _AtomicFile:
     def abort(self) -> None:
         self.f.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of the output ``out`` (its file, its shards under any count, its
+    index) that no live process owns: what a merge killed with SIGKILL (or a power cut) left
+    behind. Returns what was removed."""
+    out = Path(out)
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    names = (rf"(?:{re.escape(out.name)}|{re.escape(out.name + INDEX_SUFFIX)}"
+             rf"|{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.safetensors)")
+    pattern = re.compile(rf"\.{names}\.(\d+)-[0-9a-f]{{8}}\.tmp")
+    removed = []
+    if out.parent.is_dir():
+        for entry in os.scandir(out.parent):
+            m = pattern.fullmatch(entry.name)
+            if m and not _process_alive(int(m.group(1))):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _header_bytes(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 EXIT_BAD_INPUT = 2
@@ -43,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's time limit or preemption), raised where Ctrl-C would be, so
+    that it unwinds the same way: every temporary file removed, nothing written."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"modelstock: error: {message}", file=sys.stderr)
     return code
@@ -62,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     from .files import merge_files  # numpy only: torch is imported just for torch-format files
     from .plan import InputError
 
+    # the handler can only be installed from the main thread (main() may run elsewhere)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         report = merge_files(
             args.checkpoints[0], args.checkpoints[1:], args.output,
@@ -75,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except OSError as e:  # disk full, permissions: nothing was left behind, but it is not the input's fault
         return _fail(f"{e.filename or args.output}: {e.strerror or e}", 1)
+    except Terminated:
+        return _fail("terminated (SIGTERM); nothing was written", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written", 130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
     if args.report:
         report.write_json(args.report)

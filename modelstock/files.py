@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from . import stream_math
-from .checkpoint import CheckpointWriter, open_checkpoint, output_paths
+from .checkpoint import CheckpointWriter, open_checkpoint, output_paths, remove_stale_temporaries
 from .layer import cast_output, check_copy, merge_layer
 from .plan import FLOATS, NUMPY_DTYPES, InputError, Layer, dtype_name, nbytes, plan_layers
 from .ratio import EPS
@@ -208,6 +208,7 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
     entries = [(layer.name, layer.dtypes[0] if layer.kind == "copy" else (out_dtype or layer.dtypes[0]),
                 layer.shape) for layer in layers]
     _check_output(out, output_paths(out, entries, shard_size), inputs, force)
+    remove_stale_temporaries(out)
 
     n = len(inputs) - 1
     report = MergeReport(n=n, granularity=granularity, clamp=clamp, eps=eps, inputs=sources)
@@ -342,6 +343,8 @@ class _Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self._error is None:
+            self._error = exc  # the merge failed or was interrupted: skip the writes still queued
         self._q.put(None)
         self._thread.join()
         if self._error is not None and exc_type is None:

@@ -2,6 +2,8 @@
 torch.save / torch.load, and the refusals a user sees for broken files."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -185,3 +187,24 @@ def test_writer_refuses_out_of_order_tensors(tmp_path):
         with CheckpointWriter(tmp_path / "m.safetensors", entries_of(sd)) as w:
             w.write("a.bias", sd["a.bias"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_of_an_output_and_its_shards_are_recognised(tmp_path):
+    from modelstock.checkpoint import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {
+        f".model.safetensors.{dead.pid}-0123abcd.tmp": True,  # the single-file output
+        f".model-00002-of-00003.safetensors.{dead.pid}-0123abcd.tmp": True,  # a shard, any count
+        f".model.safetensors.index.json.{dead.pid}-0123abcd.tmp": True,  # its index
+        f".model.safetensors.{os.getpid()}-0123abcd.tmp": False,  # a live process's
+        f".model-v2.safetensors.{dead.pid}-0123abcd.tmp": False,  # another output
+        f".model.safetensors.{dead.pid}.tmp": False,  # not our naming
+        "model.safetensors": False,
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path / "model.safetensors")
+    assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, stale in names.items() if not stale)

@@ -196,3 +196,61 @@ def test_cpu_merge_of_safetensors_never_imports_torch(ckpts):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.stdout.split() == ["0", "False"], done.stderr[-2000:]
+
+
+def _paused_merge(paths, out):
+    """The CLI in a child process whose merge stops after its first layer is queued for
+    writing (so a temporary file exists), saying so on stdout: a merge a signal can catch
+    mid-way."""
+    code = f"""
+import sys, time
+from modelstock import cli, files
+real = files._stream
+def paused(inputs, layers, entries, write, *args, **kwargs):
+    def first_then_wait(*a, **k):
+        write(*a, **k)
+        if not getattr(first_then_wait, "done", False):
+            first_then_wait.done = True
+            time.sleep(0.5)  # the writer thread has the layer in the file by then
+            print("writing", flush=True)
+            time.sleep(60)
+    return real(inputs, layers, entries, first_then_wait, *args, **kwargs)
+files._stream = paused
+sys.exit(cli.main({["merge", *map(str, paths), "-o", str(out), "--quiet"]!r}))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+    return proc
+
+
+def temporaries(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_sigterm_ends_the_merge_like_ctrl_c_leaving_nothing(ckpts):
+    tmp, paths, _, _ = ckpts
+    before = digest(tmp)
+    proc = _paused_merge(paths, tmp / "o.safetensors")
+    assert len(temporaries(tmp)) == 1  # the hidden temporary, as large as the output so far
+    proc.terminate()  # SIGTERM, as a job scheduler sends at a time limit
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "SIGTERM" in err and "nothing was written" in err
+    assert digest(tmp) == before  # no output, no temporary, inputs untouched
+
+
+def test_sigkill_leaves_a_temporary_that_the_next_merge_removes(ckpts):
+    tmp, paths, base, fts = ckpts
+    proc = _paused_merge(paths, tmp / "o.safetensors")
+    (left,) = temporaries(tmp)
+    assert left.startswith(f".o.safetensors.{proc.pid}-")
+    proc.kill()  # SIGKILL cannot be caught
+    proc.wait(timeout=60)
+    # another merge to another output, and one live process's temporary of this output, stay
+    (tmp / f".o.safetensors.{os.getpid()}-0123abcd.tmp").write_bytes(b"live")
+    (tmp / f".other.safetensors.{proc.pid}-0123abcd.tmp").write_bytes(b"another output's")
+    assert main(["merge", *paths, "-o", str(tmp / "o.safetensors"), "--quiet"]) == 0
+    assert temporaries(tmp) == sorted([f".o.safetensors.{os.getpid()}-0123abcd.tmp",
+                                       f".other.safetensors.{proc.pid}-0123abcd.tmp"])
+    out = load_file(tmp / "o.safetensors")
+    want = modelstock.merge(base, fts)
+    assert all(torch.equal(out[k], want[k]) for k in want)
