@@ -14,7 +14,7 @@ setup(
         "clip": ["open_clip_torch"],
         "plot": ["matplotlib"],
         "demo": ["open_clip_torch", "matplotlib", "scikit-learn"],
-        "dev": ["pytest", "pytest-benchmark", "open_clip_torch", "matplotlib", "triton", "scikit-learn"],
+        "dev": ["pytest", "pytest-benchmark", "open_clip_torch", "matplotlib", "triton", "scikit-learn", "transformers"],
     },
     entry_points={"console_scripts": ["modelstock = modelstock.cli:main"]},
 )

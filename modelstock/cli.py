@@ -21,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
                     ".pt/.pth/.bin (loaded with weights_only=True).")
     m.add_argument("checkpoints", nargs="+", metavar="CKPT", help="BASE FT1 FT2 [FT...]")
     m.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output file: .safetensors (streamed) or .pt")
+                   help="output file: .safetensors (streamed) or .pt; a folder when BASE is a Hugging Face "
+                   "model folder (config.json beside its weights): the merged weights and the base's other "
+                   "files, loadable with from_pretrained")
     m.add_argument("--granularity", choices=("tensor", "row"), default="tensor",
                    help="one ratio per tensor (paper) or per output row (dim 0)")
     m.add_argument("--no-clamp", action="store_true",
@@ -35,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--chunk-size", default="256MiB", metavar="SIZE",
                    help="with --device cuda: input bytes per chunk; two chunks are in flight on each side")
     m.add_argument("--shard-size", metavar="SIZE", help="split the safetensors output into shards of at most "
-                   "SIZE (e.g. 2GB, 500MiB) with a Hugging Face index")
+                   "SIZE (e.g. 2GB, 500MiB) with a Hugging Face index (folder outputs: default 50GB, as "
+                   "transformers' save_pretrained)")
     m.add_argument("--report", metavar="FILE.json", help="write the per-layer figures as JSON")
     m.add_argument("--plot", metavar="FILE.png", help="draw the per-layer angle and ratio")
     m.add_argument("--force", action="store_true", help="replace existing output files")

@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 
 from . import stream_math
 from .checkpoint import CheckpointWriter, open_checkpoint, output_paths, remove_stale_temporaries
+from . import folders
 from .layer import cast_output, check_copy, merge_layer
 from .plan import FLOATS, NUMPY_DTYPES, InputError, Layer, dtype_name, nbytes, plan_layers
 from .ratio import EPS
@@ -154,6 +156,10 @@ def merge_files(
     The arithmetic runs on numpy (``modelstock/stream_math.py``): torch is imported only for
     torch-format files. ``shard_size`` (bytes, or "2GB") splits a safetensors output into
     shards with an index. The output keeps the base's metadata and records the merge's.
+    When the base is a Hugging Face model folder (``config.json`` beside its weights), ``out``
+    is a folder laid out like the base's: ``model.safetensors`` (or shards of ``shard_size``,
+    default 50GB as transformers' ``save_pretrained``, with ``model.safetensors.index.json``)
+    and every other file of the base copied unchanged, so ``from_pretrained(out)`` loads it.
     Nothing is written unless the whole merge succeeds (files are renamed into place at the
     end); ``durable`` also fsyncs them, so they survive a power cut.
 
@@ -192,13 +198,34 @@ def merge_files(
     try:
         for path in [base, *finetuned]:
             inputs.append(open_checkpoint(path))
-        return _merge_open(inputs, Path(out), start, granularity=granularity, clamp=clamp, exclude=exclude,
-                           eps=eps, out_dtype=out_dtype, compute_dtype=compute_dtype,
-                           shard_size=_parse_size(shard_size), force=force, durable=durable, progress=progress,
-                           device=gpu, chunk_bytes=chunk_bytes, backend=backend)
+        options = dict(granularity=granularity, clamp=clamp, exclude=exclude, eps=eps, out_dtype=out_dtype,
+                       compute_dtype=compute_dtype, force=force, durable=durable, progress=progress, device=gpu,
+                       chunk_bytes=chunk_bytes, backend=backend)
+        if folders.is_model_folder(base):
+            return _merge_into_folder(inputs, Path(base), Path(out), start, shard_size, **options)
+        return _merge_open(inputs, Path(out), start, shard_size=_parse_size(shard_size), **options)
     finally:
         for ck in inputs:
             ck.close()
+
+
+def _merge_into_folder(inputs, base: Path, out: Path, start: float, shard_size, **options) -> MergeReport:
+    """The base is a model folder: the output is a folder laid out like it (``folders.py``)."""
+    companions = folders.companion_files(base)
+    created = folders.prepare(out, companions, options["force"])
+    size = _parse_size(shard_size if shard_size is not None else folders.DEFAULT_SHARD_SIZE)
+    try:
+        report = _merge_open(inputs, out / folders.WEIGHTS_NAME, start, shard_size=size, **options)
+        copied = folders.copy_companions(companions, out, options["durable"])
+    except BaseException:
+        if created:  # nothing of ours is left in it (each file is written atomically)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    weights = [Path(p) for p in report.output]
+    folders.remove_old_weights(out, weights)
+    report.output = [str(p) for p in weights + copied]
+    report.seconds = time.perf_counter() - start
+    return report
 
 
 def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude, eps, out_dtype,

@@ -1,0 +1,77 @@
+"""Hugging Face model folders: a ``config.json`` beside the weights (one ``model.safetensors``
+or shards with ``model.safetensors.index.json``) and the files that go with them (generation
+config, processor and tokenizer files). A merge whose base is such a folder writes a folder
+laid out like it: the merged weights, and every other file of the base copied unchanged, so
+that the model class's ``from_pretrained`` loads the result."""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .plan import InputError
+
+WEIGHTS_NAME = "model.safetensors"
+# transformers' save_pretrained(max_shard_size=...) default (transformers 5)
+DEFAULT_SHARD_SIZE = "50GB"
+# what a folder holds as weights, in any format: never copied from the base
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt",
+                    ".h5", ".msgpack", ".gguf")
+
+
+def is_model_folder(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def is_weights(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES)
+
+
+def companion_files(folder: Path) -> list[Path]:
+    """The base folder's files that are not weights (top level; hidden files left out)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not is_weights(p.name))
+
+
+def prepare(out: Path, companions: list[Path], force: bool) -> bool:
+    """Make the output folder (its parent must exist); returns whether it was created. An
+    existing folder needs ``force`` if it holds any file the merge would write."""
+    if out.exists() and not out.is_dir():
+        raise InputError("the base is a model folder, so the output is a folder, but this is a file", str(out))
+    if not out.parent.is_dir():
+        raise InputError("the output's folder does not exist", str(out.parent))
+    if out.is_dir():
+        clash = [p.name for p in out.iterdir() if is_weights(p.name) or p.name in {c.name for c in companions}]
+        if clash and not force:
+            raise InputError(f"exists and holds {clash[0]} (use --force / force=True to replace it)", str(out))
+        return False
+    out.mkdir()
+    return True
+
+
+def copy_companions(companions: list[Path], out: Path, durable: bool) -> list[Path]:
+    """Copy each file byte for byte under a temporary name, then rename it into place."""
+    written = []
+    for src in companions:
+        dst = out / src.name
+        tmp = out / f".{src.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            shutil.copyfile(src, tmp)
+            if durable:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(dst)
+    return written
+
+
+def remove_old_weights(out: Path, keep: list[Path]) -> None:
+    """After a forced merge into an existing folder: weights of an earlier layout (other shard
+    counts, another format) would shadow the new ones for a loader."""
+    keep_names = {p.name for p in keep}
+    for p in out.iterdir():
+        if p.is_file() and is_weights(p.name) and p.name not in keep_names:
+            p.unlink()
