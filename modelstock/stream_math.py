@@ -99,6 +99,8 @@ def cast(x: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray
     nearest even like torch's ``.to(torch.bfloat16)``."""
     target = NUMPY_DTYPES[dtype]
     if out is None:
+        if x.dtype == target:  # already in the output dtype: no copy (a whole output's worth)
+            return x
         out = np.empty(x.shape, dtype=target)
     if dtype != "bfloat16":
         out[...] = x
