@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kernels", "kernels.*", "modelstock", "modelstock.*", "dynopool", "dynopool.*"]),
-    install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm", "pyyaml"],
     extras_require={
         "triton": ["triton"],
         "clip": ["open_clip_torch"],

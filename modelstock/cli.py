@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 EXIT_BAD_INPUT = 2
@@ -45,7 +46,36 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place "
                    "(survives a power cut, not only a failing process)")
     m.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+
+    k = sub.add_parser(
+        "mergekit-yaml", help="run a mergekit config (merge_method: model_stock) as mergekit-yaml would",
+        description="Read mergekit's YAML for merge_method: model_stock (base_model, models, parameters: "
+                    "filter_wise, dtype, out_dtype; local paths) and write what mergekit-yaml writes: a "
+                    "folder with the merged weights, the base's config and tokenizer, a README.md and the config.")
+    k.add_argument("config", metavar="CONFIG")
+    k.add_argument("out_path", metavar="OUT_PATH")
+    k.add_argument("--cuda", action="store_true", help="run the arithmetic on the GPU (the Triton kernels)")
+    k.add_argument("--out-shard-size", default="5B", metavar="SIZE",
+                   help="bytes per output shard, mergekit's notation (5B = 5 billion, 500M, 200K)")
+    k.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the base's tokenizer files (default: yes)")
+    k.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write README.md describing the merge (default: yes)")
+    k.add_argument("--force", action="store_true", help="replace existing output files")
+    k.add_argument("--quiet", action="store_true")
+    for flag in MERGEKIT_IGNORED_FLAGS:
+        k.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag in MERGEKIT_IGNORED_OPTIONS:
+        k.add_argument(flag, help=argparse.SUPPRESS)
     return p
+
+
+# mergekit-yaml's flags that mean nothing here: accepted, and said to be ignored
+MERGEKIT_IGNORED_FLAGS = ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--trust-remote-code",
+                          "--clone-tensors", "--read-to-gpu", "--multi-gpu", "--gpu-rich", "--safe-serialization",
+                          "--verbose", "--no-lazy-unpickle")
+MERGEKIT_IGNORED_OPTIONS = ("--random-seed", "--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype",
+                            "--num-threads", "--device")
 
 
 class Terminated(KeyboardInterrupt):
@@ -64,6 +94,8 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "mergekit-yaml":
+        return _mergekit_yaml(args)
     if len(args.checkpoints) < 3:
         return _fail(f"needs at least two fine-tuned checkpoints (got {len(args.checkpoints) - 1}): "
                      "modelstock merge BASE FT1 FT2 [FT...] -o OUT")
@@ -107,3 +139,71 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(report.summary())
     return 0
+
+
+def _kmb(size: str) -> int:
+    """mergekit's sizes: K, M, B for thousand, million, billion (bytes)."""
+    s = size.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(s[-1:], 1)
+    try:
+        return int(float(s[:-1] if scale != 1 else s) * scale)
+    except ValueError:
+        raise ValueError(f"--out-shard-size: {size!r} is not a size like 5B, 500M or 200K") from None
+
+
+def _mergekit_yaml(args) -> int:
+    from . import folders, mergekit_config
+    from .files import merge_files
+    from .plan import InputError
+
+    for flag in (*MERGEKIT_IGNORED_FLAGS, *MERGEKIT_IGNORED_OPTIONS):
+        if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False):
+            print(f"modelstock: {flag} means nothing here; ignored", file=sys.stderr)
+    out = Path(args.out_path)
+    try:
+        cfg = mergekit_config.load(args.config)
+        if not folders.is_model_folder(cfg.base):
+            raise InputError("the base_model must be a model folder (config.json beside its weights), as "
+                             "mergekit-yaml's are", str(cfg.base))
+        if cfg.filter_wise:
+            _check_filter_wise(cfg)
+        for note in cfg.ignored:
+            print(f"modelstock: ignoring {note}", file=sys.stderr)
+        report = merge_files(
+            cfg.base, cfg.finetuned, out, granularity="row" if cfg.filter_wise else "tensor", clamp=False,
+            out_dtype=cfg.out_dtype or cfg.dtype, shard_size=_kmb(args.out_shard_size), force=args.force,
+            device="cuda" if args.cuda else "cpu", progress=not args.quiet and sys.stderr.isatty(),
+            skip_files=() if args.copy_tokenizer else mergekit_config.TOKENIZER_FILES)
+        extras = {"mergekit_config.yml": cfg.text}
+        if args.write_model_card:
+            extras["README.md"] = mergekit_config.model_card(cfg, out)
+        for name, text in extras.items():
+            tmp = out / f".{name}.{os.getpid()}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
+    except InputError as e:
+        return _fail(str(e))
+    except ValueError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"{e.filename or out}: {e.strerror or e}", 1)
+    if not args.quiet:
+        print(report.summary())
+    return 0
+
+
+def _check_filter_wise(cfg) -> None:
+    """filter_wise reduces over the last dim in mergekit, over all but dim 0 here: the same for
+    the 1-D and 2-D tensors of transformer LMs, not for convolutions."""
+    from .checkpoint import open_checkpoint
+    from .plan import InputError
+
+    ck = open_checkpoint(cfg.base)
+    try:
+        for name, (_, shape) in ck.tensors().items():
+            if len(shape) > 2:
+                raise InputError(f"filter_wise on a {len(shape)}-D tensor: mergekit takes one ratio per "
+                                 "last-dim row, this package per output row (dim 0); only 1-D and 2-D "
+                                 "tensors agree", str(cfg.base), name)
+    finally:
+        ck.close()

@@ -148,6 +148,7 @@ def merge_files(
     progress: bool = False,
     device: str = "cpu",
     chunk_size: int | str = "256MiB",
+    skip_files: Sequence[str] = (),
 ) -> MergeReport:
     """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
 
@@ -159,7 +160,8 @@ def merge_files(
     When the base is a Hugging Face model folder (``config.json`` beside its weights), ``out``
     is a folder laid out like the base's: ``model.safetensors`` (or shards of ``shard_size``,
     default 50GB as transformers' ``save_pretrained``, with ``model.safetensors.index.json``)
-    and every other file of the base copied unchanged, so ``from_pretrained(out)`` loads it.
+    and every other file of the base copied unchanged (but those named in ``skip_files``), so
+    ``from_pretrained(out)`` loads it.
     Nothing is written unless the whole merge succeeds (files are renamed into place at the
     end); ``durable`` also fsyncs them, so they survive a power cut.
 
@@ -202,16 +204,17 @@ def merge_files(
                        compute_dtype=compute_dtype, force=force, durable=durable, progress=progress, device=gpu,
                        chunk_bytes=chunk_bytes, backend=backend)
         if folders.is_model_folder(base):
-            return _merge_into_folder(inputs, Path(base), Path(out), start, shard_size, **options)
+            return _merge_into_folder(inputs, Path(base), Path(out), start, shard_size, skip_files, **options)
         return _merge_open(inputs, Path(out), start, shard_size=_parse_size(shard_size), **options)
     finally:
         for ck in inputs:
             ck.close()
 
 
-def _merge_into_folder(inputs, base: Path, out: Path, start: float, shard_size, **options) -> MergeReport:
+def _merge_into_folder(inputs, base: Path, out: Path, start: float, shard_size, skip_files,
+                       **options) -> MergeReport:
     """The base is a model folder: the output is a folder laid out like it (``folders.py``)."""
-    companions = folders.companion_files(base)
+    companions = [p for p in folders.companion_files(base) if p.name not in set(skip_files)]
     created = folders.prepare(out, companions, options["force"])
     size = _parse_size(shard_size if shard_size is not None else folders.DEFAULT_SHARD_SIZE)
     try:
