@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from . import sharded as sharded_mod
 from .layer import cast_output, check_copy, merge_layer
 from .plan import InputError, canonical_name, dtype_name, plan_layers
 from .ratio import EPS
@@ -120,14 +121,22 @@ class InPlaceMerge:
                 for i, m in enumerate(targets)]
         device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
         fast = resolve_backend(backend, device, compute_dtype) == "triton"
-        self._copy, self._torch, kernel = [], [], []
+        self._copy, self._torch, kernel, sharded = [], [], [], []
         for layer in self.layers:
             key = canonical_name(layer.name)
             for i, d in enumerate(dest):
                 if key not in d or tuple(d[key].shape) != layer.shape:
                     raise InputError("missing or of another shape than the base's", f"targets[{i}]", layer.name)
             entry = (layer, [sd[name] for sd, name in zip(sds, layer.names)], dest[0][key])
-            if layer.kind == "copy":
+            if _sharded_entry(entry, [d[key] for d in dest], self.sources):
+                if layer.kind == "copy":
+                    raise InputError("is a sharded non-float tensor; Model Stock merges floating-point ones", None,
+                                     layer.name)
+                base = entry[1][0]
+                if not sharded_mod.is_dtensor(base):  # a full base: this rank keeps its own shard of it
+                    base = sharded_mod.local_like(base, entry[2])
+                sharded.append((layer, [base, *entry[1][1:]], entry[2]))
+            elif layer.kind == "copy":
                 self._copy.append(entry)
             elif (fast and layer.kind == "merge" and entry[2].is_contiguous() and entry[2].is_floating_point()
                   and all(t.device == entry[2].device for t in entry[1])):
@@ -139,8 +148,11 @@ class InPlaceMerge:
             from . import triton_merge
 
             self._kernel = triton_merge.Prepared([e[0] for e in kernel], [e[1] for e in kernel], [e[2] for e in kernel])
+        self._sharded = sharded_mod.ShardedMerge(sharded, self.sources, eps=eps, clamp=clamp,
+                                                 compute_dtype=compute_dtype) if sharded else None
         names = [canonical_name(layer.name) for layer in self.layers]
-        self._mirrors = [([d[k] for k in names], [dest[0][k] for k in names]) for d in dest[1:]]
+        local = lambda t: t.to_local() if sharded_mod.is_dtensor(t) else t  # noqa: E731
+        self._mirrors = [([local(d[k]) for k in names], [local(dest[0][k]) for k in names]) for d in dest[1:]]
 
     def __call__(self, report: MergeReport | None = None) -> None:
         stats: dict[str, object] = {}
@@ -152,6 +164,8 @@ class InPlaceMerge:
             merged, stats[layer.name] = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), self.sources,
                                                     reference, eps=self.eps, clamp=self.clamp)
             out.copy_(cast_output(merged, dtype_name(out.dtype), stats[layer.name], reference).view(layer.shape))
+        if self._sharded is not None:
+            stats.update(self._sharded())
         if self._kernel is not None:
             from . import triton_merge
 
@@ -164,6 +178,18 @@ class InPlaceMerge:
                                                                        self.clamp, self.eps)
             report.inputs = self.sources
             report.layers.extend(stats[layer.name] for layer in self.layers)
+
+
+def _sharded_entry(entry, targets, sources) -> bool:
+    """Whether a layer's fine-tuned tensors and targets are DTensors (the base may be either:
+    a full tensor is sliced to each rank's shard); a mix is an error."""
+    layer, tensors, _ = entry
+    kinds = [sharded_mod.is_dtensor(t) for t in [*tensors[1:], *targets]]
+    if any(kinds) and not all(kinds):
+        who = [s for s, k in zip([*sources[1:], *(f"targets[{i}]" for i in range(len(targets)))], kinds) if not k]
+        raise InputError(f"is a DTensor in some models and a plain tensor in others ({', '.join(who)}): shard "
+                         "every model alike", None, layer.name)
+    return bool(kinds) and all(kinds)
 
 
 def merge_(targets, base, finetuned, *, report: MergeReport | None = None, **options) -> None:

@@ -17,6 +17,7 @@ from .in_memory import InPlaceMerge, _state_dict
 from .plan import canonical_name
 from .ratio import EPS
 from .report import MergeReport
+from .sharded import is_dtensor, local_like
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -54,8 +55,17 @@ class PeriodicMerge:
         # move on with training: they are read from the first model, so the merge keeps them
         # as long as the models agree (and refuses if they drift apart).
         live = {canonical_name(k): v for k, v in self.models[0].state_dict().items()}
-        self.base = {k: v.detach().to(where, copy=True) if v.is_floating_point() else live.get(canonical_name(k), v)
-                     for k, v in _state_dict(base, "base").items()}
+        self.base = {}
+        for k, v in _state_dict(base, "base").items():
+            model_tensor = live.get(canonical_name(k))
+            if not v.is_floating_point():
+                self.base[k] = model_tensor if model_tensor is not None else v
+            elif is_dtensor(model_tensor) or is_dtensor(v):
+                # sharded models (FSDP2): keep only this rank's shard of w0
+                shard = v.detach() if is_dtensor(v) else local_like(v, model_tensor)
+                self.base[k] = shard if keep_base == "device" else _HostShard(shard)
+            else:
+                self.base[k] = v.detach().to(where, copy=True)
         self._merge = InPlaceMerge(self.models, self.base, self.models, **self.options) if keep_base == "device" else None
 
     def step(self) -> bool:
@@ -74,6 +84,23 @@ class PeriodicMerge:
             self._merge(report)
         else:
             device = next(self.models[0].parameters()).device
-            base = {k: v.to(device, non_blocking=True) for k, v in self.base.items()}
+            base = {k: v.restore() if isinstance(v, _HostShard) else v.to(device, non_blocking=True)
+                    for k, v in self.base.items()}
             InPlaceMerge(self.models, base, self.models, **self.options)(report)
         self.merges += 1
+
+
+class _HostShard:
+    """This rank's shard of w0 kept on the host (``keep_base="host"``), rebuilt as a DTensor
+    on the models' device for each merge."""
+
+    def __init__(self, shard):
+        self.local = shard.to_local().to("cpu", copy=True)
+        self.mesh, self.placements, self.shape, self.stride = shard.device_mesh, shard.placements, shard.shape, shard.stride()
+        self.device = shard.to_local().device
+
+    def restore(self):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(self.local.to(self.device, non_blocking=True), self.mesh, self.placements,
+                                  run_check=False, shape=self.shape, stride=self.stride)

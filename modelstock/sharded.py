@@ -1,0 +1,155 @@
+"""Model Stock on sharded parameters: DTensors (FSDP2's ``fully_shard``, or any placement on a
+device mesh), merged where they lie.
+
+Each rank computes the Gram partial sums of its local shards of every layer (the reference's
+fp32 products in runs, fp64 sums), at the layer's global rows (``row`` granularity: a row split
+across ranks gets each rank's part). All layers' partials go through **one** all-reduce (fp64)
+per merge; every rank then computes the same ratios and merges its own shards in place. No
+parameter is gathered: a rank's memory is its shards (and the base's local shards). A mesh
+dimension the tensor is replicated on contributes once (from its first coordinate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import reference
+from .layer import _require_finite
+from .plan import InputError, Layer
+from .ratio import ratio
+from .report import LayerStats
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed tensors
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local_view(d) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this rank's shard of DTensor ``d``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(d.shape, d.device_mesh, d.placements)
+    return tuple(shape), tuple(offset)
+
+
+def local_like(full: Tensor, like) -> Tensor:
+    """This rank's shard of the full tensor ``full``, placed as DTensor ``like`` is: sliced
+    locally, no communication."""
+    from torch.distributed.tensor import DTensor
+
+    shape, offset = _local_view(like)
+    piece = full.detach()
+    for dim, (size, start) in enumerate(zip(shape, offset)):
+        piece = piece.narrow(dim, start, size)
+    piece = piece.to(device=like.to_local().device, dtype=like.dtype, copy=True).contiguous()
+    return DTensor.from_local(piece, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
+def _counts_here(d) -> bool:
+    """Whether this rank's partial sums count: a tensor replicated along a mesh dimension
+    contributes from that dimension's first coordinate only."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    coords = d.device_mesh.get_coordinate()
+    for dim, placement in enumerate(d.placements):
+        if isinstance(placement, Partial):
+            raise InputError("is a DTensor with a pending (Partial) reduction; redistribute it first", None, None)
+        if isinstance(placement, Replicate) and coords[dim] != 0:
+            return False
+    return True
+
+
+def _group(mesh):
+    if mesh.size() == dist.get_world_size():
+        return None  # the default group: every rank of the job
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    raise InputError(f"a {mesh.ndim}-D device mesh that does not span all ranks is not supported")
+
+
+@dataclass
+class _Piece:
+    layer: Layer
+    tensors: list  # DTensors: base, fine-tuned...
+    out: object  # DTensor the result goes to
+    rows: int  # global rows of the layer (1 for tensor granularity)
+    row0: int  # first global row of this rank's shard
+    local_rows: int
+    counts: bool
+
+
+class ShardedMerge:
+    """The sharded layers of an InPlaceMerge: ``entries`` are (layer, [base, *finetuned],
+    target) with DTensors throughout, all on one mesh."""
+
+    def __init__(self, entries, sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype):
+        self.sources, self.eps, self.clamp, self.compute_dtype = sources, eps, clamp, compute_dtype
+        self.pieces: list[_Piece] = []
+        meshes = {id(t.device_mesh): t.device_mesh for _, ts, out in entries for t in [*ts, out]}
+        if len(meshes) > 1:
+            raise InputError("the sharded parameters live on more than one device mesh")
+        self.mesh = next(iter(meshes.values())) if meshes else None
+        for layer, tensors, out in entries:
+            placements = {tuple(t.placements) for t in [*tensors, out]}
+            if len(placements) > 1:
+                raise InputError(f"is placed differently in the models ({sorted(map(str, placements))})", None,
+                                 layer.name)
+            shape, offset = _local_view(out)
+            if layer.rows > 1:
+                row0, local_rows = offset[0], shape[0]
+            else:
+                row0, local_rows = 0, 1
+            self.pieces.append(_Piece(layer, list(tensors), out, layer.rows, row0, local_rows, _counts_here(out)))
+
+    def __call__(self) -> dict[str, LayerStats]:
+        stats: dict[str, LayerStats] = {}
+        merged = [p for p in self.pieces if p.layer.kind == "merge"]
+        n = len(self.sources) - 1
+        total_rows = sum(p.rows for p in merged)
+        if not merged:
+            grams = None
+        else:
+            device = merged[0].out.to_local().device
+            grams = torch.zeros(total_rows, n, n, dtype=torch.float64, device=device)
+            start = 0
+            for p in merged:
+                local = [t.to_local().reshape(-1).to(self.compute_dtype) for t in p.tensors]
+                if p.counts and local[0].numel():
+                    grams[start + p.row0: start + p.row0 + p.local_rows] += reference.gram(local[0], local[1:],
+                                                                                          p.local_rows)
+                start += p.rows
+            dist.all_reduce(grams, group=_group(self.mesh))  # the one collective of the merge
+        start = 0
+        for p in self.pieces:
+            local = [t.to_local() for t in p.tensors]
+            out = p.out.to_local()
+            flat = [t.reshape(-1).to(self.compute_dtype) for t in local]
+            if p.layer.kind == "average":
+                for w, source, name in zip(flat[1:], self.sources[1:], p.layer.names[1:]):
+                    _require_finite(reference, w, source, name)
+                result = reference.merge_into(torch.empty_like(flat[0]), None, flat[1:])
+                stats[p.layer.name] = LayerStats(p.layer.name, list(p.layer.shape), p.layer.numel, "average")
+            else:
+                r = ratio(grams[start: start + p.rows], eps=self.eps, clamp=self.clamp)
+                start += p.rows
+                if not reference.all_finite(r.norms):
+                    for w, source, name in zip(flat, self.sources, p.layer.names):
+                        _require_finite(reference, w, source, name)
+                    raise InputError("holds NaN or inf (in another rank's shard)", None, p.layer.name)
+                if not reference.all_finite(r.t):
+                    raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
+                                     "formula divides by zero (merge with clamp on)", None, p.layer.name)
+                t = r.t[p.row0: p.row0 + p.local_rows] if p.rows > 1 else r.t
+                result = reference.merge_into(torch.empty_like(flat[0]), flat[0], flat[1:], t) if flat[0].numel() \
+                    else flat[0]
+                stats[p.layer.name] = LayerStats.from_ratio(p.layer.name, p.layer.shape, r)
+            out.copy_(result.view(out.shape))
+        return stats
