@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import struct
 import uuid
 from pathlib import Path
@@ -328,6 +329,23 @@ class _AtomicFile:
     def abort(self) -> None:
         self.f.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def write_atomic(target: str | os.PathLike, data, durable: bool = False) -> Path:
+    """One file written as every output is (``_AtomicFile``): under a temporary name beside
+    ``target``, then renamed into place. ``data``: bytes, or a binary file object to copy."""
+    f = _AtomicFile(Path(target), durable)
+    try:
+        if isinstance(data, (bytes, bytearray)):
+            f.write(data)
+        else:
+            shutil.copyfileobj(data, f.f)
+        f.finish()
+        f.commit()
+    except BaseException:
+        f.abort()
+        raise
+    return f.target
 
 
 def remove_stale_temporaries(out: str | os.PathLike) -> list[Path]:

@@ -153,6 +153,7 @@ def _kmb(size: str) -> int:
 
 def _mergekit_yaml(args) -> int:
     from . import folders, mergekit_config
+    from .checkpoint import write_atomic
     from .files import merge_files
     from .plan import InputError
 
@@ -178,9 +179,7 @@ def _mergekit_yaml(args) -> int:
         if args.write_model_card:
             extras["README.md"] = mergekit_config.model_card(cfg, out)
         for name, text in extras.items():
-            tmp = out / f".{name}.{os.getpid()}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, out / name)
+            write_atomic(out / name, text.encode())
     except InputError as e:
         return _fail(str(e))
     except ValueError as e:

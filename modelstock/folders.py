@@ -5,11 +5,9 @@ laid out like it: the merged weights, and every other file of the base copied un
 that the model class's ``from_pretrained`` loads the result."""
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
+from .checkpoint import write_atomic
 from .plan import InputError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -51,20 +49,11 @@ def prepare(out: Path, companions: list[Path], force: bool) -> bool:
 
 
 def copy_companions(companions: list[Path], out: Path, durable: bool) -> list[Path]:
-    """Copy each file byte for byte under a temporary name, then rename it into place."""
+    """Copy each file byte for byte, written as the weights are (a temporary, then a rename)."""
     written = []
     for src in companions:
-        dst = out / src.name
-        tmp = out / f".{src.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            shutil.copyfile(src, tmp)
-            if durable:
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
-        written.append(dst)
+        with open(src, "rb") as f:
+            written.append(write_atomic(out / src.name, f, durable))
     return written
 
 
