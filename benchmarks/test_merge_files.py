@@ -42,6 +42,20 @@ print(time.perf_counter() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exit
 """
 
 
+# This VM hands freed guest memory back to its host within ~1-2 s (free page reporting), and
+# touching such a page again costs ~10x a reused one: writing a 600 MB file takes 0.13 s right
+# after a process freed 2 GB and 0.3-0.5 s two seconds later (measured here), so a run's time
+# depended on what ran before it. Every timed run, floor included, starts right after a child
+# has touched and freed this much memory: all of them find the same warm free pages.
+_WARM_BYTES = 3 << 30
+_SETTLE_SECONDS = 3
+_WARM = f"import numpy as np; np.ones({_WARM_BYTES}, dtype=np.uint8)"
+
+
+def warm_free_memory() -> None:
+    subprocess.run([sys.executable, "-c", _WARM], check=True)
+
+
 def run_process(argv, env=None) -> tuple[float, int]:
     """Wall time and peak resident memory (bytes) of one child process."""
     with tempfile.TemporaryFile() as err:
@@ -68,10 +82,13 @@ def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
     ours = [sys.executable, "-m", "modelstock", "merge", *map(str, paths), "-o", str(out), "--force", "--quiet"]
     # the I/O floor: read the inputs once and write one output of the same size
     floor = f"cat {' '.join(map(str, paths))} > /dev/null && cp {paths[0]} {tmp_path / 'floor.safetensors'}"
-    baselines = {"floor": ["bash", "-c", floor],
-                 "plain": [sys.executable, str(PLAIN), *map(str, paths), str(tmp_path / "plain.safetensors")]}
+    # The heavy peers first; the floor and ours then run in the same state, each after a light
+    # process (the GBs a peer frees are handed back to the host by a guest kernel thread for a
+    # few seconds, which takes CPU from whatever runs next: ~0.1 s of ours, measured).
+    baselines = {"plain": [sys.executable, str(PLAIN), *map(str, paths), str(tmp_path / "plain.safetensors")]}
     if MERGEKIT:
         baselines["mergekit"] = mergekit_argv(paths, tmp_path)
+    baselines["floor"] = ["bash", "-c", floor]
     times = {k: [] for k in ["modelstock", *baselines]}
     peaks = {k: 0 for k in times}
 
@@ -83,6 +100,9 @@ def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
             (tmp_path / "plain.safetensors").unlink(missing_ok=True)
             (tmp_path / "floor.safetensors").unlink(missing_ok=True)
             os.sync()
+            if key == "floor":
+                time.sleep(_SETTLE_SECONDS)
+            warm_free_memory()
             seconds, peak = run_process(argv)
             times[key].append(seconds)
             peaks[key] = max(peaks[key], peak)
@@ -90,6 +110,7 @@ def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
         os.sync()
 
     def run_ours():
+        warm_free_memory()
         seconds, peak = run_process(ours)
         times["modelstock"].append(seconds)
         peaks["modelstock"] = max(peaks["modelstock"], peak)
@@ -100,11 +121,16 @@ def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
 
     input_bytes = sum(p.stat().st_size for p in paths)
     medians = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     record = {
         "suite": "merge_files", "case": name, **machine_record(), "rounds": rounds,
         "input_bytes": input_bytes, "output_bytes": out.stat().st_size,
-        "seconds": medians, "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()},
+        "seconds": medians, "best_seconds": best, "all_seconds": times,
+        "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()},
         "ratio_vs": {k: medians["modelstock"] / medians[k] for k in baselines},
+        # the issue's measure: best of the rounds, each side (this VM's first touch of a
+        # page costs ~10x a reused one, which moves single runs by 2-3x)
+        "best_ratio_vs": {k: best["modelstock"] / best[k] for k in baselines},
         "gbps_read": {k: input_bytes / medians[k] / 1e9 for k in medians},
     }
     benchmark.extra_info.update(record)
@@ -113,7 +139,8 @@ def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
 
     for key, limit in targets.get("ratio", {}).items():
         if key in medians:
-            assert record["ratio_vs"][key] <= limit, f"{name}: {record['ratio_vs'][key]:.2f}x {key}, target {limit}x"
+            got = record["best_ratio_vs"][key]
+            assert got <= limit, f"{name}: {got:.2f}x {key} (best of {rounds}), target {limit}x"
     if "peak_rss_mb" in targets:
         assert record["peak_rss_mb"]["modelstock"] <= targets["peak_rss_mb"], record["peak_rss_mb"]
 

@@ -137,16 +137,17 @@ class SafetensorsFile:
         """The tensor, in memory (a copy)."""
         return self.view(name).reshape(self._entries[name][1]).copy()
 
-    def read_into(self, name: str, dest: np.ndarray) -> None:
-        """The tensor's bytes into ``dest`` (uint8, its exact size; e.g. pinned memory for a
-        copy to a GPU), by pread: no mapping, no page faults in the caller's buffer."""
+    def read_into(self, name: str, dest: np.ndarray, at: int = 0) -> None:
+        """``dest.nbytes`` bytes of the tensor from byte ``at`` on into ``dest`` (e.g. pinned
+        memory for a copy to a GPU), by pread: no mapping, no page faults in the caller's
+        buffer. Threads may read parts of one tensor at once."""
         _, _, start, end = self._entries[name]
-        if dest.nbytes != end - start:
-            raise ValueError(f"{name}: {end - start} bytes into a buffer of {dest.nbytes}")
+        if at < 0 or at + dest.nbytes > end - start:
+            raise ValueError(f"{name}: {end - start} bytes into a buffer of {dest.nbytes} at {at}")
         view = memoryview(dest.reshape(-1).view(np.uint8))
         pos = 0
         while pos < len(view):
-            got = os.preadv(self._fd, [view[pos: pos + _MAX_IO]], self._data_start + start + pos)
+            got = os.preadv(self._fd, [view[pos: pos + _MAX_IO]], self._data_start + start + at + pos)
             if got <= 0:
                 raise InputError("truncated while open (a read came back short)", self.path, name)
             pos += got
@@ -202,8 +203,8 @@ class ShardedSafetensors:
     def read(self, name):
         return self._where[name].read(name)
 
-    def read_into(self, name, dest):
-        self._where[name].read_into(name, dest)
+    def read_into(self, name, dest, at=0):
+        self._where[name].read_into(name, dest, at)
 
     def close(self):
         for s in self._shards.values():
@@ -248,8 +249,9 @@ class TorchFile:
     def read(self, name):
         return to_numpy(self._sd[name]).copy()
 
-    def read_into(self, name, dest):
-        dest.reshape(-1).view(np.uint8)[:] = self.view(name).view(np.uint8)
+    def read_into(self, name, dest, at=0):
+        flat = dest.reshape(-1).view(np.uint8)
+        flat[:] = self.view(name).reshape(-1).view(np.uint8)[at: at + flat.nbytes]
 
     def close(self):
         self._sd = {}

@@ -16,8 +16,10 @@ the checkpoint's size.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -192,20 +194,38 @@ def _hand_to_writer(chunk: _Chunk, layers, entries, host_out: torch.Tensor, copi
         write(name, ready, release=out_free.release if last else None)
 
 
+# A chunk is read in pieces of at most this many bytes by up to _READ_THREADS threads: one
+# thread copies the page cache at ~5.6 GB/s (an H200 host), and a disk serves several
+# requests in flight faster than one.
+_READ_PIECE = 16 << 20
+_READ_THREADS = 8
+
+
+def _pieces(inputs, layers, chunk: _Chunk, buf):
+    """``(checkpoint, tensor name, byte offset in the tensor, destination)`` covering a chunk."""
+    for i, spans in zip(chunk.layers, chunk.inputs):
+        for ck, name, (offset, size) in zip(inputs, layers[i].names, spans):
+            for at in range(0, max(size, 1), _READ_PIECE):
+                yield ck, name, at, buf[offset + at: offset + min(size, at + _READ_PIECE)]
+
+
 def _read_chunks(inputs, layers, chunks, host_in, free_in, ready: queue.Queue) -> None:
-    """Reader thread: each chunk's tensors into the next free pinned buffer, in order."""
+    """Reader thread: each chunk's tensors into the next free pinned buffer, in order, the
+    pieces read by a pool of threads (pread releases the GIL)."""
+    threads = max(1, min(_READ_THREADS, os.cpu_count() or 1))
     try:
-        for k, chunk in enumerate(chunks):
-            s = k % 2
-            copied = free_in[s].get()  # None, or the event of the copy that last read host_in[s]
-            if copied is _STOP:
-                return
-            if copied is not None:
-                copied.synchronize()
-            buf = host_in[s].numpy()
-            for i, spans in zip(chunk.layers, chunk.inputs):
-                for ck, name, (offset, size) in zip(inputs, layers[i].names, spans):
-                    ck.read_into(name, buf[offset: offset + size])
-            ready.put(k)
+        with ThreadPoolExecutor(threads, thread_name_prefix="modelstock-read") as pool:
+            for k, chunk in enumerate(chunks):
+                s = k % 2
+                copied = free_in[s].get()  # None, or the event of the copy that last read host_in[s]
+                if copied is _STOP:
+                    return
+                if copied is not None:
+                    copied.synchronize()
+                buf = host_in[s].numpy()
+                for done in [pool.submit(ck.read_into, name, dest, at)
+                             for ck, name, at, dest in _pieces(inputs, layers, chunk, buf)]:
+                    done.result()
+                ready.put(k)
     except BaseException as e:  # handed to the main thread, which raises it
         ready.put(e)

@@ -9,6 +9,9 @@ bfloat16, which numpy lacks, travels as its raw uint16 bits: widened to fp32 exa
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -18,25 +21,34 @@ from .tiles import BLOCK, CHUNK, tiles
 
 def gram(w0: np.ndarray, ws: Sequence[np.ndarray], rows: int = 1) -> np.ndarray:
     """``(rows, N, N)`` fp64 Gram matrices of ``d_i = ws[i] - w0``; see reference.gram (the
-    same runs of CHUNK products in fp32, the same fp64 sums of the runs)."""
+    same runs of CHUNK products in fp32, the same fp64 sums of the runs). The tiles' partial
+    sums are computed on all cores and added in tile order: the result does not depend on
+    the number of threads."""
     n = len(ws)
     k = w0.size // rows
     w0 = w0.reshape(rows, k)
     ws = [w.reshape(rows, k) for w in ws]
     out = np.zeros((rows, n, n), dtype=np.float64)
     k_runs = k // CHUNK * CHUNK
-    scratch = np.empty(n * min(BLOCK, rows * k_runs), dtype=w0.dtype)
-    for r0, r1, c0, c1 in tiles(rows, k_runs):
-        d = scratch[: n * (r1 - r0) * (c1 - c0)].reshape(n, r1 - r0, c1 - c0)
-        for i, w in enumerate(ws):
-            np.subtract(w[r0:r1, c0:c1], w0[r0:r1, c0:c1], out=d[i])
-        runs = d.reshape(n, r1 - r0, -1, CHUNK)
-        for i in range(n):  # a batched matmul of (N, CHUNK) blocks is 2x slower in numpy
-            for j in range(i, n):
-                partial = np.einsum("rck,rck->rc", runs[i], runs[j]).sum(1, dtype=np.float64)
-                out[r0:r1, i, j] += partial
-                if i != j:
-                    out[r0:r1, j, i] += partial
+
+    def partials(group):
+        scratch = np.empty(n * min(BLOCK, rows * k_runs), dtype=w0.dtype)
+        result = []
+        for r0, r1, c0, c1 in group:
+            d = scratch[: n * (r1 - r0) * (c1 - c0)].reshape(n, r1 - r0, c1 - c0)
+            for i, w in enumerate(ws):
+                np.subtract(w[r0:r1, c0:c1], w0[r0:r1, c0:c1], out=d[i])
+            runs = d.reshape(n, r1 - r0, -1, CHUNK)
+            tile = np.empty((r1 - r0, n, n), dtype=np.float64)
+            for i in range(n):  # a batched matmul of (N, CHUNK) blocks is 2x slower in numpy
+                for j in range(i, n):
+                    tile[:, i, j] = tile[:, j, i] = np.einsum("rck,rck->rc", runs[i], runs[j]).sum(1, dtype=np.float64)
+            result.append((r0, r1, tile))
+        return result
+
+    for group in _in_parallel(partials, list(tiles(rows, k_runs))):
+        for r0, r1, tile in group:
+            out[r0:r1] += tile
     for r0, r1, _, _ in tiles(rows, k - k_runs) if k_runs < k else ():
         base = w0[r0:r1, k_runs:].astype(np.float64)
         d = np.stack([w[r0:r1, k_runs:].astype(np.float64) - base for w in ws], axis=1)
@@ -45,26 +57,62 @@ def gram(w0: np.ndarray, ws: Sequence[np.ndarray], rows: int = 1) -> np.ndarray:
 
 
 def merge_into(out: np.ndarray, w0: np.ndarray | None, ws: Sequence[np.ndarray], t=None) -> np.ndarray:
-    """``out = w0 + t (mean - w0)`` per row, or the plain mean; see reference.merge_into."""
+    """``out = w0 + t (mean - w0)`` per row, or the plain mean; see reference.merge_into.
+    Tiles are independent: they are computed on all cores."""
     rows = 1 if t is None else len(t)
     k = out.size // rows
     out2, ws2 = out.reshape(rows, k), [w.reshape(rows, k) for w in ws]
     base2 = None if w0 is None else w0.reshape(rows, k)
     weight = None if t is None else np.asarray(t, dtype=out.dtype).reshape(rows, 1)
-    scratch = np.empty(min(BLOCK, out.size), dtype=out.dtype)
-    for r0, r1, c0, c1 in tiles(rows, k):
-        tile = (slice(r0, r1), slice(c0, c1))
-        mean = np.add(ws2[0][tile], ws2[1][tile], out=scratch[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0))
-        for w in ws2[2:]:
-            mean += w[tile]
-        mean /= len(ws)
-        if base2 is None:
-            out2[tile] = mean
-        else:
-            mean -= base2[tile]
-            mean *= weight[r0:r1]
-            np.add(base2[tile], mean, out=out2[tile])
+
+    def merge_tiles(group):
+        scratch = np.empty(min(BLOCK, out.size), dtype=out.dtype)
+        for r0, r1, c0, c1 in group:
+            tile = (slice(r0, r1), slice(c0, c1))
+            mean = np.add(ws2[0][tile], ws2[1][tile], out=scratch[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0))
+            for w in ws2[2:]:
+                mean += w[tile]
+            mean /= len(ws)
+            if base2 is None:
+                out2[tile] = mean
+            else:
+                mean -= base2[tile]
+                mean *= weight[r0:r1]
+                np.add(base2[tile], mean, out=out2[tile])
+
+    _in_parallel(merge_tiles, list(tiles(rows, k)))
     return out
+
+
+def threads() -> int:
+    """Threads the tile loops use: ``MODELSTOCK_THREADS``, else every core this process may
+    run on. numpy releases the GIL inside each tile's arithmetic."""
+    env = os.environ.get("MODELSTOCK_THREADS")
+    if env:
+        return max(1, int(env))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _in_parallel(fn, items: list) -> list:
+    """``[fn(part) for part in contiguous parts of items]``, one part per thread, in order.
+    A single tile runs on the calling thread: the pool's hand-off would cost more."""
+    workers = min(threads(), len(items))
+    if workers <= 1:
+        return [fn(items)]
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < workers:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelstock-tiles")
+        pool = _pool
+    step = -(-len(items) // workers)
+    parts = [items[i: i + step] for i in range(0, len(items), step)]
+    futures = [pool.submit(fn, part) for part in parts[1:]]
+    first = fn(parts[0])  # the caller works too
+    return [first, *(f.result() for f in futures)]
 
 
 def all_finite(x: np.ndarray) -> bool:

@@ -66,6 +66,22 @@ def test_device_merge_matches_formula_and_cpu_merge(tmp_path, dtype, granularity
     assert report.bytes_read == cpu.bytes_read and report.bytes_written == cpu.bytes_written
 
 
+@pytest.mark.parametrize("piece", [7, 100])
+def test_reads_in_small_pieces_from_many_threads_give_the_same_bytes(tmp_path, monkeypatch, piece):
+    # Pieces that split every tensor (at odd byte offsets too) and land out of order: the
+    # result must be bitwise the one read whole, for safetensors, sharded and torch inputs.
+    base, fts = make_models(2)
+    paths = save_models(tmp_path, base, fts)
+    torch.save(fts[1], tmp_path / "ft1.pt")
+    paths = [paths[0], paths[1], tmp_path / "ft1.pt"]
+    whole = load_file(merge_on_device(paths, tmp_path / "whole.safetensors").output[0])
+    monkeypatch.setattr(device_files, "_READ_PIECE", piece)
+    monkeypatch.setattr(device_files, "_READ_THREADS", 4)
+    pieces = load_file(merge_on_device(paths, tmp_path / "pieces.safetensors", chunk_size=900).output[0])
+    assert whole.keys() == pieces.keys() and all(torch.equal(whole[k], pieces[k]) for k in whole)
+    check_output(pieces, base, fts)
+
+
 def test_out_dtype_torch_inputs_and_sharded_output(tmp_path):
     base, fts = make_models(2)
     save_file(base, tmp_path / "base.safetensors")

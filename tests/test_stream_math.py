@@ -29,6 +29,20 @@ def test_merge_into_is_bitwise_the_reference(rows, k, n, with_base):
     assert np.array_equal(got, want.numpy())
 
 
+@pytest.mark.parametrize("rows,k", [(1, 1_000_003), (9, 70_001), (3000, 300)])
+def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, rows, k):
+    # Several tiles per layer: the tiles run on a pool, their Gram partials are added in tile
+    # order, so one thread and four give the same bits.
+    w = [np.random.default_rng(i).standard_normal(rows * k, dtype=np.float32) for i in range(3)]
+    t = np.random.default_rng(9).random(rows)
+    results = []
+    for threads in ("1", "4"):
+        monkeypatch.setenv("MODELSTOCK_THREADS", threads)
+        results.append((stream_math.gram(w[0], w[1:], rows),
+                        stream_math.merge_into(np.empty(rows * k, np.float32), w[0], w[1:], t)))
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
 def test_bfloat16_round_trip_matches_torch():
     x = torch.cat([torch.randn(100_000) * 10.0 ** torch.randint(-30, 30, (100_000,)),
                    torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 1e-40,
