@@ -1,6 +1,7 @@
 """DynOPool on the Triton kernels (``kernels/dynopool.py``): the same operator as
 ``reference.dynopool2d`` (which the tests hold it to), for a known output size.
 
+Inputs with many channels run in channels_last (``_CL_MIN_CHANNELS``), whatever their layout.
 Forward: the coordinate table and query ranges (1 tiny launch), then the fused sampling + max
 (1 launch) that also keeps each output's winning query in 2 bits. Backward: the alpha/delta
 reduction (1 launch + an fp64 sum of per-program partials) and the gather of x's gradient (1
@@ -21,20 +22,46 @@ from . import reference
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _forward(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int):
+# Inputs with at least this many channels run on the kernels in channels_last whatever their
+# layout (converted in, and the results converted back). On an H200 (066fe5b) the kernels
+# took 1.7-4x longer on NCHW than on the same tensors in channels_last at every GPU-bound
+# ResNet-50 shape, where one conversion costs one pass over x; with few channels the
+# channels_last tile has little to coalesce.
+_CL_MIN_CHANNELS = 16
+
+
+def _in_kernel_layout(x: Tensor) -> Tensor:
     from kernels import dynopool as k
 
+    if x.shape[1] < _CL_MIN_CHANNELS or k.is_channels_last(x):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _forward(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int):
+    """(out in x's layout rule, the winners, table, ranges, x as the kernels read it)."""
+    from kernels import dynopool as k
+
+    xk = _in_kernel_layout(x)
     tab, rng = k.coordinates(alpha, delta, x.shape[2], x.shape[3], h_out, w_out)
-    out, win = k.forward(x, tab, h_out, w_out)
-    return out, win, tab, rng
+    out, win = k.forward(xk, tab, h_out, w_out)
+    if xk is not x:
+        out = out.contiguous()  # the layout rule: only a dense channels_last x gives channels_last
+    return out, win, tab, rng, xk
 
 
 def _backward(x: Tensor, grad: Tensor, win: Tensor, tab: Tensor, rng: Tensor, need_x: bool, need_coords: bool):
-    """(d x or None, d (alpha_h, alpha_w, delta_h, delta_w) in fp32 or None)."""
+    """(d x or None, d (alpha_h, alpha_w, delta_h, delta_w) in fp32 or None); x as the
+    forward's kernels read it, or as given (then converted the same way)."""
     from kernels import dynopool as k
 
-    g_coords = k.coordinate_grads(x, grad, win, tab).float() if need_coords else None
-    g_x = k.input_grad(x, grad, win, tab, rng) if need_x else None
+    xk = _in_kernel_layout(x)
+    if k.is_channels_last(xk) and not k.is_channels_last(grad):
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    g_coords = k.coordinate_grads(xk, grad, win, tab).float() if need_coords else None
+    g_x = k.input_grad(xk, grad, win, tab, rng) if need_x else None
+    if g_x is not None and xk is not x:
+        g_x = g_x.contiguous()
     return g_x, g_coords
 
 
@@ -43,8 +70,9 @@ class DynOPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int) -> Tensor:
-        out, win, tab, rng = _forward(x, alpha, delta, h_out, w_out)
-        ctx.save_for_backward(x, win, tab, rng)
+        out, win, tab, rng, xk = _forward(x, alpha, delta, h_out, w_out)
+        ctx.save_for_backward(xk, win, tab, rng)
+        ctx.nchw = xk is not x  # d x goes back to x's layout
         return out
 
     @staticmethod
@@ -52,6 +80,8 @@ class DynOPoolFunction(torch.autograd.Function):
         x, win, tab, rng = ctx.saved_tensors
         need = ctx.needs_input_grad
         g_x, g = _backward(x, grad, win, tab, rng, need[0], need[1] or need[2])
+        if g_x is not None and ctx.nchw:
+            g_x = g_x.contiguous()
         return g_x, g[:2] if need[1] else None, g[2:] if need[2] else None, None, None
 
 
@@ -59,7 +89,7 @@ class DynOPoolFunction(torch.autograd.Function):
 
 @torch.library.custom_op("dynopool::pool", mutates_args=())
 def _pool_op(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward(x, alpha, delta, h_out, w_out)
+    return _forward(x, alpha, delta, h_out, w_out)[:4]  # the backward converts x again
 
 
 @_pool_op.register_fake
@@ -68,8 +98,9 @@ def _(x, alpha, delta, h_out, w_out):
 
     n, c, h, w = x.shape
     fmt = torch.channels_last if k.is_channels_last(x) else torch.contiguous_format
+    win_fmt = torch.channels_last if k.is_channels_last(_in_kernel_layout(x)) else torch.contiguous_format
     return (torch.empty((n, c, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt),
-            torch.empty((n, c, h_out, w_out), dtype=torch.int8, device=x.device, memory_format=fmt),
+            torch.empty((n, c, h_out, w_out), dtype=torch.int8, device=x.device, memory_format=win_fmt),
             alpha.new_empty(k.table_size(h_out, w_out)), alpha.new_empty((h + w, 4), dtype=torch.int32))
 
 
@@ -105,8 +136,15 @@ def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int) 
         raise ValueError(f"backend='triton' takes fp32, fp16 or bf16 inputs, got {x.dtype}; "
                          "use backend='torch' (the reference) for others")
     reference.check_shapes(x, alpha, delta)
-    f32 = torch.float32
-    alpha, delta = alpha.reshape(2).to(f32).contiguous(), delta.reshape(2).to(f32).contiguous()
+    alpha, delta = _as_pair(alpha), _as_pair(delta)
     if torch.compiler.is_compiling():
         return _pool_op(x, alpha, delta, h_out, w_out)[0]
     return DynOPoolFunction.apply(x, alpha, delta, h_out, w_out)
+
+
+def _as_pair(t: Tensor) -> Tensor:
+    """fp32 (2,) contiguous; a module's parameter already is, and then gets no view node (each
+    costs the autograd engine a node in the backward, per call)."""
+    if t.shape == (2,) and t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.reshape(2).to(torch.float32).contiguous()

@@ -21,12 +21,12 @@ spares the backward the 16-tap recompute: the gradient to x gathers from up to ~
 pixel, and would otherwise redo each one's max. (Decided by that count, not yet by a GPU
 measurement against recomputing.)
 
-Backward to alpha and delta (``coordinate_grads``): same tiling as the forward; each output
+Backward to alpha and delta (``coordinate_grads``): the forward's tiling, ROWS rows per program; each output
 sends its gradient to its winning query only, whose bilinear value has
     d q / d y = (1 - wu) (x[y1,u0] - x[y0,u0]) + wu (x[y1,u1] - x[y0,u1])
     d q / d u = (1 - wy) (x[y0,u1] - x[y0,u0]) + wy (x[y1,u1] - x[y1,u0])
 (y0 = floor(y): one-sided toward y + 1 at integers; zero when both taps are the last row).
-Times the table's per-query factors, summed over the program's tile: 4 fp32 partial sums per
+Times the table's per-query factors, summed over the program's rows: 4 fp32 partial sums per
 program (alpha_h, alpha_w, delta_h, delta_w), added in fp64 by the launcher. No atomics.
 
 Backward to x (``input_grad``): a gather, not a scatter. Each program owns one input row h of
@@ -54,6 +54,11 @@ import triton.language as tl
 _ELEMS = int(os.environ.get("MODELSTOCK_DYNOPOOL_ELEMS", 1024))
 _NUM_WARPS = int(os.environ.get("MODELSTOCK_DYNOPOOL_WARPS", 4))
 _RANGE_BLOCK = 64  # input rows (columns) per step of the ranges loop
+# Output rows per program of the alpha/delta gradient: one set of block-wide reductions per
+# ROWS rows. With one row the kernel took 2.0 ms at [128, 64, 224, 224] bf16 on an H200, 5x the
+# forward, which loads 4x the taps (066fe5b's profile); four reductions and stores per 1024
+# outputs are our suspect (not yet confirmed by a profile of this version).
+_GRAD_ROWS = int(os.environ.get("MODELSTOCK_DYNOPOOL_GRAD_ROWS", 8))
 
 
 # --------------------------------------------------------------------------- coordinates
@@ -222,42 +227,61 @@ def _forward_kernel(x, out, win, tab, C, H, W, H_out, W_out,
 @triton.jit
 def _coordinate_grads_kernel(x, grad, win, tab, partials, C, H, W, H_out, W_out,
                              sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w,
-                             BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
-    """partials[pid] = the tile's sums of grad * d q_win / d (alpha_h, alpha_w, delta_h,
-    delta_w), through the winner's coordinate derivatives and the table's factors."""
+                             ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                             CL: tl.constexpr):
+    """partials[pid] = the sums over ROWS output rows of a tile of grad * d q_win / d (alpha_h,
+    alpha_w, delta_h, delta_w), through the winner's coordinate derivatives and the table's
+    factors. The products accumulate per element and are reduced once per program: the four
+    block-wide reductions, not the loads, were most of this kernel's time with one row."""
     pid = tl.program_id(0).to(tl.int64)
-    n, i, j, c, mask = _tile(pid, C, H_out, W_out, BLOCK_J, BLOCK_C, CL)
+    n, group, j, c, mask_jc = _tile(pid, C, tl.cdiv(H_out, ROWS), W_out, BLOCK_J, BLOCK_C, CL)
     jj = j.to(tl.int64)
-    g = tl.load(grad + n * sg_n + i * sg_h + jj * sg_w + c * sg_c, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(win + n * so_n + i * so_h + jj * so_w + c * so_c, mask=mask, other=0).to(tl.int32)
-    k = w >> 1
-    l = w & 1
     ytab = tab
     xtab = tab + 6 * H_out
-    # the winner's query row (scalars per k, selected per element) and column (per j and l)
-    ry = 2 * i + k
-    ya, yb, wy = _taps(tl.load(ytab + ry, mask=mask, other=0.0), H)
-    fa_y = tl.load(ytab + 2 * H_out + ry, mask=mask, other=0.0)
-    fd_y = tl.load(ytab + 4 * H_out + ry, mask=mask, other=0.0)
-    ru = 2 * j + l
-    ua, ub, wu = _taps(tl.load(xtab + ru, mask=mask, other=0.0), W)
-    fa_u = tl.load(xtab + 2 * W_out + ru, mask=mask, other=0.0)
-    fd_u = tl.load(xtab + 4 * W_out + ru, mask=mask, other=0.0)
+    # the columns' taps and factors for both families l (shaped like j), selected per element
+    u_l0 = tl.load(xtab + 2 * j, mask=j < W_out, other=0.0)
+    u_l1 = tl.load(xtab + 2 * j + 1, mask=j < W_out, other=0.0)
+    fa_l0 = tl.load(xtab + 2 * W_out + 2 * j, mask=j < W_out, other=0.0)
+    fa_l1 = tl.load(xtab + 2 * W_out + 2 * j + 1, mask=j < W_out, other=0.0)
+    fd_l0 = tl.load(xtab + 4 * W_out + 2 * j, mask=j < W_out, other=0.0)
+    fd_l1 = tl.load(xtab + 4 * W_out + 2 * j + 1, mask=j < W_out, other=0.0)
     base = x + n * sx_n + c * sx_c
-    ra = base + ya.to(tl.int64) * sx_h
-    rb = base + yb.to(tl.int64) * sx_h
-    ca = ua.to(tl.int64) * sx_w
-    cb = ub.to(tl.int64) * sx_w
-    x00 = tl.load(ra + ca, mask=mask, other=0.0).to(tl.float32)
-    x01 = tl.load(ra + cb, mask=mask, other=0.0).to(tl.float32)
-    x10 = tl.load(rb + ca, mask=mask, other=0.0).to(tl.float32)
-    x11 = tl.load(rb + cb, mask=mask, other=0.0).to(tl.float32)
-    g_y = g * ((1.0 - wu) * (x10 - x00) + wu * (x11 - x01))
-    g_u = g * ((1.0 - wy) * (x01 - x00) + wy * (x11 - x10))
-    tl.store(partials + pid * 4, tl.sum(tl.sum(g_y * fa_y, axis=1), axis=0))
-    tl.store(partials + pid * 4 + 1, tl.sum(tl.sum(g_u * fa_u, axis=1), axis=0))
-    tl.store(partials + pid * 4 + 2, tl.sum(tl.sum(g_y * fd_y, axis=1), axis=0))
-    tl.store(partials + pid * 4 + 3, tl.sum(tl.sum(g_u * fd_u, axis=1), axis=0))
+    acc_ya = tl.zeros(mask_jc.shape, dtype=tl.float32)
+    acc_ua = tl.zeros(mask_jc.shape, dtype=tl.float32)
+    acc_yd = tl.zeros(mask_jc.shape, dtype=tl.float32)
+    acc_ud = tl.zeros(mask_jc.shape, dtype=tl.float32)
+    for r in range(ROWS):
+        i = group * ROWS + r
+        mask = mask_jc & (i < H_out)
+        g = tl.load(grad + n * sg_n + i * sg_h + jj * sg_w + c * sg_c, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(win + n * so_n + i * so_h + jj * so_w + c * so_c, mask=mask, other=0).to(tl.int32)
+        k1 = (w >> 1) == 1
+        l1 = (w & 1) == 1
+        # the winner's query row: both families' values are scalars of the row
+        i_t = tl.minimum(i, H_out - 1)
+        y = tl.where(k1, tl.load(ytab + 2 * i_t + 1), tl.load(ytab + 2 * i_t))
+        fa_y = tl.where(k1, tl.load(ytab + 2 * H_out + 2 * i_t + 1), tl.load(ytab + 2 * H_out + 2 * i_t))
+        fd_y = tl.where(k1, tl.load(ytab + 4 * H_out + 2 * i_t + 1), tl.load(ytab + 4 * H_out + 2 * i_t))
+        ya, yb, wy = _taps(y, H)
+        ua, ub, wu = _taps(tl.where(l1, u_l1, u_l0), W)
+        ra = base + ya.to(tl.int64) * sx_h
+        rb = base + yb.to(tl.int64) * sx_h
+        ca = ua.to(tl.int64) * sx_w
+        cb = ub.to(tl.int64) * sx_w
+        x00 = tl.load(ra + ca, mask=mask, other=0.0).to(tl.float32)
+        x01 = tl.load(ra + cb, mask=mask, other=0.0).to(tl.float32)
+        x10 = tl.load(rb + ca, mask=mask, other=0.0).to(tl.float32)
+        x11 = tl.load(rb + cb, mask=mask, other=0.0).to(tl.float32)
+        g_y = g * ((1.0 - wu) * (x10 - x00) + wu * (x11 - x01))
+        g_u = g * ((1.0 - wy) * (x01 - x00) + wy * (x11 - x10))
+        acc_ya += g_y * fa_y
+        acc_yd += g_y * fd_y
+        acc_ua += g_u * tl.where(l1, fa_l1, fa_l0)
+        acc_ud += g_u * tl.where(l1, fd_l1, fd_l0)
+    tl.store(partials + pid * 4, tl.sum(tl.sum(acc_ya, axis=1), axis=0))
+    tl.store(partials + pid * 4 + 1, tl.sum(tl.sum(acc_ua, axis=1), axis=0))
+    tl.store(partials + pid * 4 + 2, tl.sum(tl.sum(acc_yd, axis=1), axis=0))
+    tl.store(partials + pid * 4 + 3, tl.sum(tl.sum(acc_ud, axis=1), axis=0))
 
 
 @triton.jit
@@ -364,11 +388,12 @@ def coordinate_grads(x: torch.Tensor, grad: torch.Tensor, win: torch.Tensor, tab
         return torch.zeros(4, dtype=torch.float64, device=x.device)
     cl = is_channels_last(win)
     bj, bc = _blocks(w_out, c, cl)
-    grid = _out_grid(n, c, h_out, w_out, bj, bc)
+    rows = min(_GRAD_ROWS, h_out)
+    grid = _out_grid(n, c, triton.cdiv(h_out, rows), w_out, bj, bc)
     partials = torch.empty(grid[0], 4, dtype=torch.float32, device=x.device)
     _coordinate_grads_kernel[grid](
         x, grad, win, tab, partials, c, h, w, h_out, w_out, *x.stride(), *grad.stride(), *win.stride(),
-        BLOCK_J=bj, BLOCK_C=bc, CL=cl, num_warps=_NUM_WARPS)
+        ROWS=rows, BLOCK_J=bj, BLOCK_C=bc, CL=cl, num_warps=_NUM_WARPS)
     return partials.sum(0, dtype=torch.float64)
 
 
