@@ -231,8 +231,8 @@ def _coordinate_grads_kernel(x, grad, win, tab, partials, C, H, W, H_out, W_out,
                              CL: tl.constexpr):
     """partials[pid] = the sums over ROWS output rows of a tile of grad * d q_win / d (alpha_h,
     alpha_w, delta_h, delta_w), through the winner's coordinate derivatives and the table's
-    factors. The products accumulate per element and are reduced once per program: the four
-    block-wide reductions, not the loads, were most of this kernel's time with one row."""
+    factors. The products accumulate per element and are reduced once per program (see
+    _GRAD_ROWS)."""
     pid = tl.program_id(0).to(tl.int64)
     n, group, j, c, mask_jc = _tile(pid, C, tl.cdiv(H_out, ROWS), W_out, BLOCK_J, BLOCK_C, CL)
     jj = j.to(tl.int64)

@@ -34,7 +34,7 @@ def kernels(dt, cl):
                               **strides("sx", "so")}, {"BLOCK_J": 16, "BLOCK_C": 64, "CL": cl}),
         (kd._coordinate_grads_kernel, {"x": f"*{dt}", "grad": f"*{dt}", "win": "*i8", "tab": "*fp32",
                                        "partials": "*fp32", **SIZES, **strides("sx", "sg", "so")},
-         {"BLOCK_J": 16, "BLOCK_C": 64, "CL": cl}),
+         {"ROWS": 8, "BLOCK_J": 16, "BLOCK_C": 64, "CL": cl}),
         (kd._input_grad_kernel, {"grad": f"*{dt}", "win": "*i8", "tab": "*fp32", "rng": "*i32", "gx": f"*{dt}",
                                  **SIZES, **strides("sg", "so", "sx")}, {"BLOCK_W": 16, "BLOCK_C": 64, "CL": cl}),
     ]
