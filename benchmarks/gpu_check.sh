@@ -11,6 +11,8 @@
 #             compiled (benchmarks/gpu_net.py)                                       (290 s)
 #   merge     in-memory merge: Triton vs loop vs foreach, with a per-pass breakdown (150 s)
 #   files     file-to-file merge --device cuda vs CPU vs a plain read of the files   (120 s)
+# With 15 minutes of device time in all, two calls cover everything but merge:
+#   STEPS="dynopool files tests"  (timeout_s 430), then  STEPS="net"  (timeout_s 320).
 # SWEEP=1 adds sweeps of the kernels' settings before merge (chunks x pipeline stages per
 # dtype size, on ViT-bigG-14) and dynopool (elements/warps per program), then runs those steps
 # with the fastest setting; give it a call of its own (STEPS="merge dynopool").
