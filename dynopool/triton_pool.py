@@ -50,18 +50,15 @@ def _forward(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int):
     return out, win, tab, rng, xk
 
 
-def _backward(x: Tensor, grad: Tensor, win: Tensor, tab: Tensor, rng: Tensor, need_x: bool, need_coords: bool):
-    """(d x or None, d (alpha_h, alpha_w, delta_h, delta_w) in fp32 or None); x as the
-    forward's kernels read it, or as given (then converted the same way)."""
+def _backward(xk: Tensor, grad: Tensor, win: Tensor, tab: Tensor, rng: Tensor, need_x: bool, need_coords: bool):
+    """(d x in xk's layout or None, d (alpha_h, alpha_w, delta_h, delta_w) in fp32 or None);
+    xk: x as the forward's kernels read it (``_in_kernel_layout``)."""
     from kernels import dynopool as k
 
-    xk = _in_kernel_layout(x)
     if k.is_channels_last(xk) and not k.is_channels_last(grad):
         grad = grad.contiguous(memory_format=torch.channels_last)
     g_coords = k.coordinate_grads(xk, grad, win, tab).float() if need_coords else None
     g_x = k.input_grad(xk, grad, win, tab, rng) if need_x else None
-    if g_x is not None and xk is not x:
-        g_x = g_x.contiguous()
     return g_x, g_coords
 
 
@@ -106,7 +103,9 @@ def _(x, alpha, delta, h_out, w_out):
 
 @torch.library.custom_op("dynopool::pool_backward", mutates_args=())
 def _pool_backward_op(x: Tensor, grad: Tensor, win: Tensor, tab: Tensor, rng: Tensor) -> tuple[Tensor, Tensor]:
-    return _backward(x, grad, win, tab, rng, True, True)
+    xk = _in_kernel_layout(x)  # x as given (a custom op may not return the forward's copy)
+    g_x, g = _backward(xk, grad, win, tab, rng, True, True)
+    return (g_x.contiguous() if xk is not x else g_x), g
 
 
 @_pool_backward_op.register_fake

@@ -320,11 +320,12 @@ def test_gpu_benchmark_script_writes_its_record(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compiled_model_matches_eager_across_a_size_change(backend):
+@pytest.mark.parametrize("channels", [4, 16], ids=["nchw", "nchw-run-channels-last"])
+def test_compiled_model_matches_eager_across_a_size_change(backend, channels):
     torch.manual_seed(15)
     torch._dynamo.reset()
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DynOPool2d(1.7, 0.3, backend=backend),
-                              torch.nn.Conv2d(4, 2, 3)).to(DEVICE)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, padding=1), DynOPool2d(1.7, 0.3, backend=backend),
+                              torch.nn.Conv2d(channels, 2, 3)).to(DEVICE)
     compiled = torch.compile(net, backend="aot_eager")
     x = torch.randn(2, 3, 12, 12, device=DEVICE)
     sizes = set()
