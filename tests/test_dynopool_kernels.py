@@ -181,8 +181,10 @@ def test_operator_low_precision_matches_fp64_reference(alpha, delta, shape, dtyp
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_several_blocks_and_non_contiguous_views(monkeypatch, channels_last):
-    # blocks of 8 elements: several column and channel blocks, partial last blocks
+    # blocks of 8 elements: several column and channel blocks, partial last blocks; the alpha /
+    # delta gradient's output rows in groups of 3, the last one partial
     monkeypatch.setattr(k, "_ELEMS", 8)
+    monkeypatch.setattr(k, "_GRAD_ROWS", 3)
     torch.manual_seed(13)
     big = layout(torch.randn(2, 7, 9, 14, device=DEVICE), channels_last)
     check_operator(big[:, 1:6, 2:, 1:-2], torch.tensor([1.45, 1.8]), torch.tensor([0.3, 0.2]))
