@@ -22,10 +22,9 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0, pool
         opt = torch.optim.SGD(dynopool.param_groups(model, lr=0.1, weight_decay=1e-4), lr=0.1, momentum=0.9)
     """
     pool_ids = {id(p) for m in model.modules() if isinstance(m, DynOPool2d) for p in (m.alpha, m.delta)}
-    seen, pool, rest = set(), [], []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
+    pool, rest = [], []
+    for p in model.parameters():  # each shared parameter once
+        if p.requires_grad:
             (pool if id(p) in pool_ids else rest).append(p)
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
     if pool:

@@ -69,7 +69,7 @@ class DynOPoolFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int) -> Tensor:
         out, win, tab, rng, xk = _forward(x, alpha, delta, h_out, w_out)
         ctx.save_for_backward(xk, win, tab, rng)
-        ctx.nchw = xk is not x  # d x goes back to x's layout
+        ctx.converted = xk is not x  # d x goes back to x's layout
         return out
 
     @staticmethod
@@ -77,7 +77,7 @@ class DynOPoolFunction(torch.autograd.Function):
         x, win, tab, rng = ctx.saved_tensors
         need = ctx.needs_input_grad
         g_x, g = _backward(x, grad, win, tab, rng, need[0], need[1] or need[2])
-        if g_x is not None and ctx.nchw:
+        if g_x is not None and ctx.converted:
             g_x = g_x.contiguous()
         return g_x, g[:2] if need[1] else None, g[2:] if need[2] else None, None, None
 

@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"{extra}: is also a checkpoint path")
 
     from .files import merge_files  # numpy only: torch is imported just for torch-format files
-    from .plan import InputError
 
     # the handler can only be installed from the main thread (main() may run elsewhere)
     main_thread = threading.current_thread() is threading.main_thread()
@@ -118,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dtype=DTYPES[args.dtype] if args.dtype else None,
             shard_size=args.shard_size, force=args.force, durable=args.fsync, device=args.device,
             chunk_size=args.chunk_size, progress=not args.quiet and sys.stderr.isatty())
-    except InputError as e:
-        return _fail(str(e))
-    except ValueError as e:  # a bad option value (shard size, granularity)
+    except ValueError as e:  # a bad input (InputError) or option value (shard size, granularity)
         return _fail(str(e))
     except OSError as e:  # disk full, permissions: nothing was left behind, but it is not the input's fault
         return _fail(f"{e.filename or args.output}: {e.strerror or e}", 1)
@@ -180,9 +177,7 @@ def _mergekit_yaml(args) -> int:
             extras["README.md"] = mergekit_config.model_card(cfg, out)
         for name, text in extras.items():
             write_atomic(out / name, text.encode())
-    except InputError as e:
-        return _fail(str(e))
-    except ValueError as e:
+    except ValueError as e:  # InputError included
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{e.filename or out}: {e.strerror or e}", 1)

@@ -16,7 +16,6 @@ the checkpoint's size.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import stream_math
 from .in_memory import InPlaceMerge
 from .plan import NUMPY_DTYPES, InputError, Layer, nbytes
 from .report import MergeReport
@@ -212,7 +212,7 @@ def _pieces(inputs, layers, chunk: _Chunk, buf):
 def _read_chunks(inputs, layers, chunks, host_in, free_in, ready: queue.Queue) -> None:
     """Reader thread: each chunk's tensors into the next free pinned buffer, in order, the
     pieces read by a pool of threads (pread releases the GIL)."""
-    threads = max(1, min(_READ_THREADS, os.cpu_count() or 1))
+    threads = min(_READ_THREADS, stream_math.threads())
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="modelstock-read") as pool:
             for k, chunk in enumerate(chunks):

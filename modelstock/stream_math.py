@@ -97,6 +97,7 @@ def threads() -> int:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
@@ -106,10 +107,12 @@ def _in_parallel(fn, items: list) -> list:
     workers = min(threads(), len(items))
     if workers <= 1:
         return [fn(items)]
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelstock-tiles")
+        if _pool_size < workers:  # more threads asked for (MODELSTOCK_THREADS raised): a bigger pool
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelstock-tiles"), workers
         pool = _pool
     step = -(-len(items) // workers)
     parts = [items[i: i + step] for i in range(0, len(items), step)]
