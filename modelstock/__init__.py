@@ -7,23 +7,25 @@ fine-tuned updates.
     report = modelstock.merge_files("base.safetensors", ["ft1.safetensors", "ft2.safetensors"],
                                     "merged.safetensors")         # streamed, file to file
 
-Importing this package imports numpy only: torch comes with ``merge`` (in-memory) and with
+Importing this package imports nothing heavy; each name brings its module on first use:
+numpy with ``merge_files`` and the others, torch with ``merge`` (in-memory) and with
 torch-format files; open_clip, matplotlib and triton only with the functions that need them.
+(The command line relies on this: it sets up numpy's BLAS before numpy loads, see cli.main.)
 """
-from .files import merge_files
-from .plan import InputError
-from .report import LayerStats, MergeReport
-
 __version__ = "0.1.0"
 __all__ = ["merge", "merge_", "InPlaceMerge", "PeriodicMerge", "merge_files", "MergeReport", "LayerStats",
            "InputError"]
 
 
-def __getattr__(name):
-    if name in ("merge", "merge_", "InPlaceMerge", "PeriodicMerge"):  # torch: only when asked for
-        from . import in_memory, periodic
+_HOMES = {"merge": "in_memory", "merge_": "in_memory", "InPlaceMerge": "in_memory", "PeriodicMerge": "periodic",
+          "merge_files": "files", "MergeReport": "report", "LayerStats": "report", "InputError": "plan"}
 
-        value = getattr(periodic if name == "PeriodicMerge" else in_memory, name)
+
+def __getattr__(name):
+    if name in _HOMES:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'modelstock' has no attribute {name!r}")

@@ -92,8 +92,18 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
+def _single_threaded_blas() -> None:
+    """The merge runs its own threads (stream_math); OpenBLAS's pool, started when numpy loads,
+    only spins beside them: ~0.1 s of CPU in a 0.7 s ViT-B-32 merge on 2 cores (measured).
+    Effective only before numpy is first imported (so not when main() runs inside a process
+    that has it); a value the user set wins."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _single_threaded_blas()
     if args.command == "mergekit-yaml":
         return _mergekit_yaml(args)
     if len(args.checkpoints) < 3:

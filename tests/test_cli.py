@@ -187,15 +187,22 @@ def test_device_cuda_runs_the_gpu_pipeline_or_says_why_not(ckpts, capsys, monkey
     check_output(load_file(tmp / "o.safetensors"), base, fts)
 
 
-def test_cpu_merge_of_safetensors_never_imports_torch(ckpts):
-    # the CLI's CPU path runs on numpy: importing torch alone costs ~1.8 s and 0.65 GB here
+@pytest.mark.parametrize("user_blas_threads", [None, "3"])
+def test_cpu_merge_of_safetensors_never_imports_torch(ckpts, user_blas_threads):
+    # The CLI's CPU path runs on numpy: importing torch alone costs ~1.8 s and 0.65 GB here.
+    # Importing the package loads no numpy either, so that main() can give OpenBLAS one thread
+    # before numpy starts its pool; a value the user set is kept.
     tmp, paths, base, fts = ckpts
-    code = ("import sys; from modelstock.cli import main; "
-            f"rc = main(['merge', *{paths!r}, '-o', {str(tmp / 'o.safetensors')!r}, '--quiet']); "
-            "print(rc, 'torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    code = ("import os, sys; import modelstock; from modelstock.cli import main; "
+            "before = 'numpy' in sys.modules; "
+            f"rc = main(['merge', *{paths!r}, '-o', {str(tmp / 'o.safetensors')!r}, '--quiet', '--force']); "
+            "print(rc, before, 'torch' in sys.modules, os.environ.get('OPENBLAS_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if user_blas_threads:
+        env["OPENBLAS_NUM_THREADS"] = user_blas_threads
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.stdout.split() == ["0", "False"], done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "False", "False", user_blas_threads or "1"], done.stderr[-2000:]
 
 
 def _paused_merge(paths, out):
