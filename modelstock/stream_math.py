@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Sequence
 
 import numpy as np
@@ -122,8 +122,17 @@ def _in_parallel(fn, items: list) -> list:
                     _pool.shutdown(wait=False)
                 _pool, _pool_size = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelstock-tiles"), workers
             pool = _pool
-        futures = [pool.submit(fn, _taken(items, counter)) for _ in range(workers - 1)]
-        pairs = list(fn(_taken(items, counter)))  # the caller works too
+        stop: list[bool] = []
+        futures = [pool.submit(fn, _taken(items, counter, stop)) for _ in range(workers - 1)]
+        try:
+            pairs = list(fn(_taken(items, counter, stop)))  # the caller works too
+        except BaseException:
+            # (Ctrl-C, or a failing tile): the others take no new tile and are waited for, so
+            # nothing reads the arrays, which the caller may unmap, once this returns
+            stop.append(True)
+            wait(futures)
+            raise
+        wait(futures)  # all of them, before any one's error is raised
         for f in futures:
             pairs.extend(f.result())
     results = [None] * len(items)
@@ -132,8 +141,8 @@ def _in_parallel(fn, items: list) -> list:
     return results
 
 
-def _taken(items: list, counter):
-    while (index := next(counter)) < len(items):
+def _taken(items: list, counter, stop=()):
+    while not stop and (index := next(counter)) < len(items):
         yield index, items[index]
 
 

@@ -43,6 +43,38 @@ def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, rows, k):
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("fail_in", ["caller", "worker"])
+def test_a_failing_tile_stops_every_thread_before_the_error_leaves(monkeypatch, fail_in):
+    # The caller may unmap the arrays as soon as the error reaches it (Ctrl-C mid-merge): by
+    # then no thread may still be working, and none takes a tile after the failure.
+    import threading
+    import time
+
+    monkeypatch.setenv("MODELSTOCK_THREADS", "3")
+    done, failed = [], []
+
+    def work(taken):
+        mine = []
+        for index, item in taken:
+            time.sleep(0.002)
+            failing = (threading.current_thread() is threading.main_thread()) == (fail_in == "caller")
+            if failing and index >= 6 and not failed:
+                failed.append(index)
+                raise KeyboardInterrupt if fail_in == "caller" else ValueError("a bad tile")
+            done.append(time.perf_counter())
+            mine.append((index, item))
+        return mine
+
+    with pytest.raises(KeyboardInterrupt if fail_in == "caller" else ValueError):
+        stream_math._in_parallel(work, list(range(400)))
+    left = time.perf_counter()
+    count = len(done)
+    time.sleep(0.05)
+    assert len(done) == count and max(done) <= left  # nothing ran after the error left
+    if fail_in == "caller":
+        assert count < 100  # the others stopped taking tiles (they would take ~400 otherwise)
+
+
 def test_bfloat16_round_trip_matches_torch():
     x = torch.cat([torch.randn(100_000) * 10.0 ** torch.randint(-30, 30, (100_000,)),
                    torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 1e-40,
