@@ -344,3 +344,37 @@ def test_compiled_model_matches_eager_across_a_size_change(backend, channels):
         with torch.no_grad():
             net[1].alpha.add_(0.2)  # 12 / 1.7 -> 7 cells, 12 / 2.1 -> 6 cells
     assert len(sizes) == 2
+
+
+@pytest.mark.parametrize("channels", [3, 16])  # 16: an NCHW input converted to channels_last
+def test_the_op_reads_nothing_to_the_host_and_launches_two_kernels_each_way(monkeypatch, channels):
+    # What a call costs the host, pinned: with its output size given, the op never waits for
+    # the device (no value read back: on CUDA, the sync debug mode raises on any sync) and
+    # launches 2 kernels forward (the coordinate table, the pooling) and 2 backward (the
+    # alpha/delta partial sums, the gather of x's gradient), whatever x's layout.
+    launches = []
+    kernel_type = type(k._forward_kernel)
+    run = kernel_type.run
+    monkeypatch.setattr(kernel_type, "run", lambda self, *a, **kw: launches.append(self.fn.__name__) or run(self, *a, **kw))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **kw: reads.append(_n) or _r(self, *a, **kw))
+    x = torch.randn(2, channels, 12, 11, device=DEVICE, requires_grad=True)
+    alpha = torch.tensor([1.7, 2.3], device=DEVICE, requires_grad=True)
+    delta = torch.tensor([0.3, 0.2], device=DEVICE, requires_grad=True)
+    grad = torch.randn(2, channels, 7, 5, device=DEVICE)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = dynopool2d(x, alpha, delta, backend="triton", output_size=(7, 5))
+        forward = list(launches)
+        out.backward(grad)
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert reads == []
+    assert forward == ["_coordinates_kernel", "_forward_kernel"]
+    assert launches[2:] == ["_coordinate_grads_kernel", "_input_grad_kernel"]
+    assert x.grad is not None and alpha.grad is not None and delta.grad is not None
