@@ -27,8 +27,9 @@ it (d_i = w_i - w0, loaded in the storage dtype, converted to fp32 at once) to i
 a partials buffer; a second, tiny kernel adds each segment's partials in fp64, in tile order.
 No atomics: the same inputs give bitwise the same Gram on every run.
 
-Merge pass: each program owns one tile and writes w0 + t_seg * (mean_i(w_i) - w0) in the
-output dtype, accumulating in fp32.
+Merge pass: each program owns one tile and writes w0 + t_seg * mean_i(w_i - w0) in the
+output dtype, accumulating in fp32 (the mean of the deltas, as ``modelstock/reference.py``:
+the only rounding at the weights' magnitude is the final add).
 """
 from __future__ import annotations
 
@@ -174,7 +175,8 @@ def _reduce_segments_kernel(partials, seg_tiles, gram, NN: tl.constexpr, CHUNK: 
 @triton.jit
 def _merge_chunk(base, off0, offw, rmask, out, idx, mask, ratio, n, MASKED: tl.constexpr):
     w0, w = _load_chunk(base, off0, offw, rmask, idx, mask, MASKED)
-    merged = (w0 + ratio * (tl.sum(w, axis=0) / n - w0)).to(out.dtype.element_ty)
+    d = tl.where(rmask[:, None], w - w0[None, :], 0.0)  # rows past n: no delta
+    merged = (w0 + ratio * (tl.sum(d, axis=0) / n)).to(out.dtype.element_ty)
     if MASKED:
         tl.store(out + idx, merged, mask=mask)
     else:
@@ -184,7 +186,7 @@ def _merge_chunk(base, off0, offw, rmask, out, idx, mask, ratio, n, MASKED: tl.c
 @triton.jit
 def _merge_tiles_kernel(base, offs_tab, out, out_offs, tiles, tile_seg, t, ok, n, stride, NPAD: tl.constexpr,
                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, STAGES: tl.constexpr):
-    """out = w0 + t[seg] * (mean_i(w_i) - w0) over one tile, in fp32, stored in out's dtype.
+    """out = w0 + t[seg] * mean_i(w_i - w0) over one tile, in fp32, stored in out's dtype.
     Program ``pid`` owns tile ``pid``, chunked as in the Gram pass; the output may be one of the
     inputs (same offsets): every element is loaded before it is stored. Nothing is written
     when ``ok[0]`` is 0 (some ratio is not finite): the launch need not wait for the host's

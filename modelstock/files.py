@@ -302,7 +302,9 @@ def _stream(inputs, layers: list[Layer], entries, write, report: MergeReport, ba
             else:
                 (w0, *ws), region = item
                 out_buf = region[: layer.numel]
-                merged, stats = merge_layer(layer, w0, ws, out_buf, sources, stream_math, eps=eps, clamp=clamp)
+                # out_buf: the region's head; inputs converted to the compute dtype lie past it
+                merged, stats = merge_layer(layer, w0, ws, out_buf, sources, stream_math, eps=eps, clamp=clamp,
+                                            out_is_separate=True)
                 spare = None
                 if dtype != compute_dtype:  # the region's tail is reserved for the cast
                     spare = region[region.size - _cast_elems(layer, dtype, compute_dtype):]

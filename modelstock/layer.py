@@ -10,17 +10,22 @@ from .report import LayerStats
 
 
 def merge_layer(layer: Layer, w0, ws: Sequence, out, sources: Sequence[str], ops, *,
-                eps: float = EPS, clamp: bool = True):
+                eps: float = EPS, clamp: bool = True, out_is_separate: bool = False):
     """Merge (or, for an excluded layer, average) one layer into ``out``: flat arrays of the
     compute dtype, ``out`` possibly ``w0``. Returns ``out`` and the layer's figures. Raises
-    InputError naming the input at fault when any input holds NaN or inf."""
+    InputError naming the input at fault when any input holds NaN or inf.
+
+    ``out_is_separate``: ``out`` shares no memory with the inputs, so a backend that can
+    (``stream_math``) keeps the deltas' mean there from the Gram pass and merges from it."""
     if len(ws) < 2:
         raise InputError(f"needs at least two fine-tuned checkpoints, got {len(ws)}")
     if layer.kind == "average":
         for w, source, name in zip(ws, sources[1:], layer.names[1:]):
             _require_finite(ops, w, source, name)
         return ops.merge_into(out, None, ws), LayerStats(layer.name, list(layer.shape), layer.numel, "average")
-    r = ratio(ops.gram(w0, ws, layer.rows), eps=eps, clamp=clamp)
+    from_mean = out_is_separate and hasattr(ops, "merge_from_mean_delta")
+    gram = ops.gram(w0, ws, layer.rows, mean_delta=out) if from_mean else ops.gram(w0, ws, layer.rows)
+    r = ratio(gram, eps=eps, clamp=clamp)
     if not ops.all_finite(r.norms):
         # A non-finite input makes some ||w_i - w0|| non-finite; name the first such input.
         for w, source, name in zip([w0, *ws], sources, layer.names):
@@ -28,7 +33,8 @@ def merge_layer(layer: Layer, w0, ws: Sequence, out, sources: Sequence[str], ops
     if not ops.all_finite(r.t):
         raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
                          "formula divides by zero (merge with clamp on)", None, layer.name)
-    return ops.merge_into(out, w0, ws, r.t), LayerStats.from_ratio(layer.name, layer.shape, r)
+    merged = ops.merge_from_mean_delta(out, w0, r.t) if from_mean else ops.merge_into(out, w0, ws, r.t)
+    return merged, LayerStats.from_ratio(layer.name, layer.shape, r)
 
 
 def cast_output(merged, dtype: str, stats: LayerStats, ops, out=None):

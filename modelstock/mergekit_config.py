@@ -7,7 +7,7 @@ formula: this package's ``clamp=False``), t = N cos / (1 + (N - 1) cos), then
 t * mean + (1 - t) * w0. Differences, documented in the README: this package adds eps = 1e-8 to
 the norm product instead of flooring it at 1e-6 (the two agree within 1e-8 relative wherever
 the norm product is above 1e-6), computes in fp32 whatever ``dtype`` says (mergekit computes in
-``dtype``, e.g. bf16), and writes w0 + t (mean - w0) (the same value, rounded once less).
+``dtype``, e.g. bf16), and writes w0 + t mean_i(w_i - w0) (the same value, rounded less).
 """
 from __future__ import annotations
 

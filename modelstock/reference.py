@@ -8,7 +8,8 @@ floating dtype (the compute dtype). With ``rows > 1`` (granularity ``row``) ever
     d_i    = w_i - w0
     G_ij   = <d_i, d_j>                 runs of 256 products in the compute dtype, runs in fp64
     t      = ratio(G)                   (modelstock/ratio.py)
-    merged = w0 + t (mean_i(w_i) - w0)  mean = (w1 + ... + wN) / N
+    merged = w0 + t mean_i(d_i)       the spec's w0 + t (mean_i(w_i) - w0), with the mean
+                                        taken of the deltas (fewer roundings: merge_into)
 
 ``modelstock/stream_math.py`` is the same math on numpy arrays for the torch-free file merge;
 the tests hold the two to each other and to an fp64 formula. Both provide the names
@@ -54,25 +55,33 @@ def gram(w0: Tensor, ws: Sequence[Tensor], rows: int = 1) -> Tensor:
 
 
 def merge_into(out: Tensor, w0: Tensor | None, ws: Sequence[Tensor], t=None) -> Tensor:
-    """``out = w0 + t (mean - w0)``, ``mean = (ws[0] + ... + ws[N-1]) / N``, with one ``t`` per
-    row (``len(t)`` rows); the plain mean when ``w0`` is None. Flat tensors of one dtype;
-    ``out`` may be ``w0`` or ``ws[0]``. Tile by tile, so the intermediates stay in cache."""
+    """``out = w0 + t mean_i(w_i - w0)`` with one ``t`` per row (``len(t)`` rows); the plain
+    mean ``(ws[0] + ... + ws[N-1]) / N`` when ``w0`` is None. Flat tensors of one dtype; ``out``
+    may be ``w0`` or ``ws[0]``. Tile by tile, so the intermediates stay in cache.
+
+    The spec's ``w0 + t (mean_i(w_i) - w0)``, with the mean taken of the deltas: a fine-tuned
+    w_i is near w0, so w_i - w0 is exact (or nearly) and the mean of the deltas rounds at the
+    deltas' magnitude; the mean of the weights rounds at the weights', an error that the
+    subtraction keeps. The only rounding at the weights' magnitude is then the final add."""
     rows = 1 if t is None else len(t)
     k = out.numel() // rows
     out2, ws2 = out.view(rows, k), [w.view(rows, k) for w in ws]
     base2 = None if w0 is None else w0.view(rows, k)
     weight = None if t is None else torch.as_tensor(t, dtype=out.dtype, device=out.device).view(rows, 1)
-    scratch = torch.empty(min(BLOCK, out.numel()), dtype=out.dtype, device=out.device)
+    scratch = torch.empty(2, min(BLOCK, out.numel()), dtype=out.dtype, device=out.device)
     for r0, r1, c0, c1 in tiles(rows, k):
         tile = (slice(r0, r1), slice(c0, c1))
-        mean = torch.add(ws2[0][tile], ws2[1][tile], out=scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
-        for w in ws2[2:]:
-            mean.add_(w[tile])
-        mean.div_(len(ws))
+        mean, d = (s[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0) for s in scratch)
         if base2 is None:
-            out2[tile].copy_(mean)
+            torch.add(ws2[0][tile], ws2[1][tile], out=mean)
+            for w in ws2[2:]:
+                mean.add_(w[tile])
+            out2[tile].copy_(mean.div_(len(ws)))
         else:
-            mean.sub_(base2[tile]).mul_(weight[r0:r1])
+            torch.sub(ws2[0][tile], base2[tile], out=mean)
+            for w in ws2[1:]:
+                mean.add_(torch.sub(w[tile], base2[tile], out=d))
+            mean.div_(len(ws)).mul_(weight[r0:r1])
             torch.add(base2[tile], mean, out=out2[tile])
     return out
 

@@ -20,15 +20,22 @@ import numpy as np
 from .plan import NUMPY_DTYPES
 from .tiles import BLOCK, CHUNK, tiles
 
-def gram(w0: np.ndarray, ws: Sequence[np.ndarray], rows: int = 1) -> np.ndarray:
+def gram(w0: np.ndarray, ws: Sequence[np.ndarray], rows: int = 1, mean_delta: np.ndarray | None = None) -> np.ndarray:
     """``(rows, N, N)`` fp64 Gram matrices of ``d_i = ws[i] - w0``; see reference.gram (the
     same runs of CHUNK products in fp32, the same fp64 sums of the runs). The tiles' partial
     sums are computed on all cores and added in tile order: the result does not depend on
-    the number of threads."""
+    the number of threads.
+
+    ``mean_delta`` (an array of the layer's size that shares no memory with the inputs): also
+    store ``mean_i(d_i)`` there, from the deltas this pass forms anyway, for
+    ``merge_from_mean_delta``; the merge then reads 2 arrays instead of N + 1 (a ViT-B-32 file
+    merge: ~0.05 s of its ~0.6 s on 2 cores). The same operations as ``merge_into``'s, so the
+    same bits."""
     n = len(ws)
     k = w0.size // rows
     w0 = w0.reshape(rows, k)
     ws = [w.reshape(rows, k) for w in ws]
+    md = None if mean_delta is None else mean_delta.reshape(rows, k)
     out = np.zeros((rows, n, n), dtype=np.float64)
     k_runs = k // CHUNK * CHUNK
 
@@ -39,6 +46,8 @@ def gram(w0: np.ndarray, ws: Sequence[np.ndarray], rows: int = 1) -> np.ndarray:
             d = scratch[: n * (r1 - r0) * (c1 - c0)].reshape(n, r1 - r0, c1 - c0)
             for i, w in enumerate(ws):
                 np.subtract(w[r0:r1, c0:c1], w0[r0:r1, c0:c1], out=d[i])
+            if md is not None:
+                _mean_of(d, out=md[r0:r1, c0:c1])
             runs = d.reshape(n, r1 - r0, -1, CHUNK)
             tile = np.empty((r1 - r0, n, n), dtype=np.float64)
             # one run's dot product per (1, CHUNK) x (CHUNK, 1) matmul: 15% faster than einsum
@@ -56,11 +65,22 @@ def gram(w0: np.ndarray, ws: Sequence[np.ndarray], rows: int = 1) -> np.ndarray:
         base = w0[r0:r1, k_runs:].astype(np.float64)
         d = np.stack([w[r0:r1, k_runs:].astype(np.float64) - base for w in ws], axis=1)
         out[r0:r1] += np.matmul(d, d.transpose(0, 2, 1))
+        if md is not None:  # the columns past the whole runs, from deltas in the compute dtype
+            _mean_of(np.stack([w[r0:r1, k_runs:] - w0[r0:r1, k_runs:] for w in ws]), out=md[r0:r1, k_runs:])
+    return out
+
+
+def _mean_of(d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``(d[0] + d[1] + ... ) / N`` into ``out``, summed in order (reference.merge_into's)."""
+    np.add(d[0], d[1], out=out)
+    for x in d[2:]:
+        out += x
+    out /= len(d)
     return out
 
 
 def merge_into(out: np.ndarray, w0: np.ndarray | None, ws: Sequence[np.ndarray], t=None) -> np.ndarray:
-    """``out = w0 + t (mean - w0)`` per row, or the plain mean; see reference.merge_into.
+    """``out = w0 + t mean_i(w_i - w0)`` per row, or the plain mean; see reference.merge_into.
     Tiles are independent: they are computed on all cores."""
     rows = 1 if t is None else len(t)
     k = out.size // rows
@@ -69,19 +89,38 @@ def merge_into(out: np.ndarray, w0: np.ndarray | None, ws: Sequence[np.ndarray],
     weight = None if t is None else np.asarray(t, dtype=out.dtype).reshape(rows, 1)
 
     def merge_tiles(taken):
-        scratch = np.empty(min(BLOCK, out.size), dtype=out.dtype)
+        scratch = np.empty((2, min(BLOCK, out.size)), dtype=out.dtype)
         for _, (r0, r1, c0, c1) in taken:
             tile = (slice(r0, r1), slice(c0, c1))
-            mean = np.add(ws2[0][tile], ws2[1][tile], out=scratch[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0))
-            for w in ws2[2:]:
-                mean += w[tile]
-            mean /= len(ws)
+            mean, d = (s[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0) for s in scratch)
             if base2 is None:
-                out2[tile] = mean
+                out2[tile] = _mean_of([w[tile] for w in ws2], out=mean)
             else:
-                mean -= base2[tile]
+                np.subtract(ws2[0][tile], base2[tile], out=mean)
+                for w in ws2[1:]:
+                    mean += np.subtract(w[tile], base2[tile], out=d)
+                mean /= len(ws)
                 mean *= weight[r0:r1]
                 np.add(base2[tile], mean, out=out2[tile])
+        return ()
+
+    _in_parallel(merge_tiles, list(tiles(rows, k)))
+    return out
+
+
+def merge_from_mean_delta(out: np.ndarray, w0: np.ndarray, t) -> np.ndarray:
+    """``out = w0 + t out`` per row, where ``out`` holds ``mean_i(d_i)`` (``gram(...,
+    mean_delta=out)``): merge_into's result, bit for bit, from 2 arrays instead of N + 1."""
+    rows = len(t)
+    k = out.size // rows
+    out2, base2 = out.reshape(rows, k), w0.reshape(rows, k)
+    weight = np.asarray(t, dtype=out.dtype).reshape(rows, 1)
+
+    def merge_tiles(taken):
+        for _, (r0, r1, c0, c1) in taken:
+            tile = out2[r0:r1, c0:c1]
+            tile *= weight[r0:r1]
+            tile += base2[r0:r1, c0:c1]
         return ()
 
     _in_parallel(merge_tiles, list(tiles(rows, k)))

@@ -268,3 +268,45 @@ def test_merge_into_tiles_cover_every_element(rows, k, alias):
     tol = merge_tolerance(want.view(-1), w0, [w1, w2, w3], torch.float32)
     merge_into(out, args[0], args[1], t)
     assert_within(out, want.view(-1), tol, "merge_into")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("path", ["torch", "numpy", "numpy-from-gram", "triton"])
+def test_merged_layer_rounds_once_at_the_weights_magnitude(n, path):
+    # Fine-tuned weights: w_i = w0 + small deltas. The merge takes the mean of the deltas, so
+    # its only rounding at the weights' magnitude is the final add: within half an fp32 ulp
+    # of the exact value, plus the deltas' own roundings. (The mean of the weights, minus w0,
+    # rounds twice there: up to (1 + t) / 2 ulp, which this bound refuses.)
+    import numpy as np
+
+    from modelstock import stream_math
+
+    from .helpers import DEVICE
+
+    g = torch.Generator().manual_seed(11)
+    w0 = torch.randn(300_007, generator=g)
+    ws = finetuned_like(w0, n, cos=0.4, scale=1e-3, generator=g)
+    t = torch.tensor([0.6], dtype=torch.float64)
+    exact = w0.double() + t * (sum(w.double() for w in ws) / n - w0.double())
+    if path == "torch":
+        got = merge_into(torch.empty_like(w0), w0, ws, t)
+    elif path == "triton":
+        got = modelstock.merge({"w": w0.to(DEVICE)}, [{"w": w.to(DEVICE)} for w in ws], backend="triton")["w"]
+        # t from the inputs (about 0.4 * 2 / 1.4 for N = 2): the bound below takes it from the report
+        report = MergeReport()
+        modelstock.merge({"w": w0}, [{"w": w} for w in ws], backend="torch", report=report)
+        t = torch.tensor([report.layers[0].t], dtype=torch.float64)
+        exact = w0.double() + t * (sum(w.double() for w in ws) / n - w0.double())
+    else:
+        a0, arrays = w0.numpy(), [w.numpy() for w in ws]
+        out = np.empty_like(a0)
+        if path == "numpy":
+            stream_math.merge_into(out, a0, arrays, t.numpy())
+        else:
+            stream_math.gram(a0, arrays, 1, mean_delta=out)
+            stream_math.merge_from_mean_delta(out, a0, t.numpy())
+        got = torch.from_numpy(out)
+    eps = torch.finfo(torch.float32).eps
+    deltas = torch.stack([(w - w0).double().abs() for w in ws]).amax(0)
+    bound = 0.5 * eps * exact.abs() * (1 + eps) + (n + 2) * eps * float(t) * deltas
+    assert_within(got.cpu(), exact, bound, path)

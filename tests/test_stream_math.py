@@ -18,14 +18,23 @@ def test_gram_matches_reference(rows, k):
     assert np.all(np.abs(got - want) <= 8 * np.finfo(np.float32).eps * scale)
 
 
-@pytest.mark.parametrize("rows,k,n", [(1, 300_007, 2), (6, 70_001, 3), (700, 3, 4), (1, 1, 2)])
-@pytest.mark.parametrize("with_base", [True, False])
-def test_merge_into_is_bitwise_the_reference(rows, k, n, with_base):
+@pytest.mark.parametrize("rows,k,n", [(1, 300_007, 2), (6, 70_001, 3), (700, 3, 4), (1, 1, 2), (3, 600, 5)])
+@pytest.mark.parametrize("how", ["merge_into", "from_gram", "average"])
+def test_merge_is_bitwise_the_reference(rows, k, n, how):
+    # from_gram: the file merge's form, the deltas' mean kept by the Gram pass (whole runs of
+    # 256 and the columns past them) and the merge made from it
     w = torch.randn(n + 1, rows * k)
     t = torch.rand(rows, dtype=torch.float64)
+    with_base = how != "average"
     want = reference.merge_into(torch.empty(rows * k), w[0] if with_base else None, list(w[1:]), t if with_base else None)
-    got = stream_math.merge_into(np.empty(rows * k, np.float32), w[0].numpy() if with_base else None,
-                                 [x.numpy() for x in w[1:]], t.numpy() if with_base else None)
+    arrays = [x.numpy() for x in w]
+    out = np.full(rows * k, np.nan, np.float32)
+    if how == "from_gram":
+        g = stream_math.gram(arrays[0], arrays[1:], rows, mean_delta=out)
+        assert np.array_equal(g, stream_math.gram(arrays[0], arrays[1:], rows))  # the Gram is untouched
+        got = stream_math.merge_from_mean_delta(out, arrays[0], t.numpy())
+    else:
+        got = stream_math.merge_into(out, arrays[0] if with_base else None, arrays[1:], t.numpy() if with_base else None)
     assert np.array_equal(got, want.numpy())
 
 
