@@ -42,18 +42,20 @@ print(time.perf_counter() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exit
 """
 
 
-# This VM hands freed guest memory back to its host within ~1-2 s (free page reporting), and
-# touching such a page again costs ~10x a reused one: writing a 600 MB file takes 0.13 s right
-# after a process freed 2 GB and 0.3-0.5 s two seconds later (measured here), so a run's time
-# depended on what ran before it. Every timed run, floor included, starts right after a child
-# has touched and freed this much memory: all of them find the same warm free pages.
-_WARM_BYTES = 3 << 30
-_SETTLE_SECONDS = 3
-_WARM = f"import numpy as np; np.ones({_WARM_BYTES}, dtype=np.uint8)"
-
-
-def warm_free_memory() -> None:
-    subprocess.run([sys.executable, "-c", _WARM], check=True)
+# What this VM does to a run's time (measured here): it hands freed guest memory back to its
+# host within ~1-2 s (free page reporting), touching such a page again costs ~10x a reused one,
+# and the handing back takes kernel time while it runs; it also runs DAMON proactive reclaim
+# (a kdamond paging out what it finds cold), and its host's load varies. How a run fared
+# depended on what ran before it, and each contender differently: on 2026-11-27, after 3 s
+# idle, dd's write() of 605 MB took 0.9-1.4 s where cp's copy_file_range took 0.17-0.36 s, and
+# right after a child had freed 3 GB the floor took 0.55-0.61 s instead of 0.39 s. So every
+# timed run follows an untimed run of the same command (its output removed, dirty pages
+# flushed, the inputs read through): each contender is timed in the state its own work leaves,
+# with a warm page cache, as in a loop of merges.
+def warm_up(argv, clean, paths) -> None:
+    run_process(argv)
+    clean()
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
 
 
 def run_process(argv, env=None) -> tuple[float, int]:
@@ -82,35 +84,39 @@ def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
     ours = [sys.executable, "-m", "modelstock", "merge", *map(str, paths), "-o", str(out), "--force", "--quiet"]
     # the I/O floor: read the inputs once and write one output of the same size
     floor = f"cat {' '.join(map(str, paths))} > /dev/null && cp {paths[0]} {tmp_path / 'floor.safetensors'}"
-    # The heavy peers first; the floor and ours then run in the same state, each after a light
-    # process (the GBs a peer frees are handed back to the host by a guest kernel thread for a
-    # few seconds, which takes CPU from whatever runs next: ~0.1 s of ours, measured).
+    # The same with the output written by write() from memory, as a program making new bytes
+    # must: cp copies with copy_file_range, which on this VM filled the output's page cache in
+    # 0.17-0.36 s where write() took 0.9-1.4 s for the same 605 MB (measured, 2026-11-27).
+    floor_write = (f"cat {' '.join(map(str, paths))} > /dev/null && "
+                   f"dd if={paths[0]} of={tmp_path / 'floor.safetensors'} bs=1M status=none")
+    # The heavy peers first, the floors last before ours; each timed run after `warm_up`.
     baselines = {"plain": [sys.executable, str(PLAIN), *map(str, paths), str(tmp_path / "plain.safetensors")]}
     if MERGEKIT:
         baselines["mergekit"] = mergekit_argv(paths, tmp_path)
+    baselines["floor_write"] = ["bash", "-c", floor_write]
     baselines["floor"] = ["bash", "-c", floor]
     times = {k: [] for k in ["modelstock", *baselines]}
     peaks = {k: 0 for k in times}
 
+    def clean():
+        # Dirty pages left by a run are flushed, untimed, so that no run pays for another's
+        # writeback.
+        shutil.rmtree(tmp_path / "mergekit-out", ignore_errors=True)
+        for name in ("plain.safetensors", "floor.safetensors", out.name):
+            (tmp_path / name).unlink(missing_ok=True)
+        os.sync()
+
     def run_baselines():
-        # Dirty pages left by the previous run are flushed before each run, untimed, so that
-        # no run pays for another's writeback.
+        clean()
         for key, argv in baselines.items():
-            shutil.rmtree(tmp_path / "mergekit-out", ignore_errors=True)
-            (tmp_path / "plain.safetensors").unlink(missing_ok=True)
-            (tmp_path / "floor.safetensors").unlink(missing_ok=True)
-            os.sync()
-            if key == "floor":
-                time.sleep(_SETTLE_SECONDS)
-            warm_free_memory()
+            warm_up(argv, clean, paths)
             seconds, peak = run_process(argv)
             times[key].append(seconds)
             peaks[key] = max(peaks[key], peak)
-        out.unlink(missing_ok=True)
-        os.sync()
+            clean()
 
     def run_ours():
-        warm_free_memory()
+        warm_up(ours, clean, paths)
         seconds, peak = run_process(ours)
         times["modelstock"].append(seconds)
         peaks["modelstock"] = max(peaks["modelstock"], peak)
