@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -102,8 +101,8 @@ def file_merge_case(benchmark, paths, tmp_path, name, targets, rounds=ROUNDS):
         # Dirty pages left by a run are flushed, untimed, so that no run pays for another's
         # writeback.
         shutil.rmtree(tmp_path / "mergekit-out", ignore_errors=True)
-        for name in ("plain.safetensors", "floor.safetensors", out.name):
-            (tmp_path / name).unlink(missing_ok=True)
+        for leftover in ("plain.safetensors", "floor.safetensors", out.name):
+            (tmp_path / leftover).unlink(missing_ok=True)
         os.sync()
 
     def run_baselines():
