@@ -20,21 +20,31 @@ def merge_layer(layer: Layer, w0, ws: Sequence, out, sources: Sequence[str], ops
     if len(ws) < 2:
         raise InputError(f"needs at least two fine-tuned checkpoints, got {len(ws)}")
     if layer.kind == "average":
-        for w, source, name in zip(ws, sources[1:], layer.names[1:]):
-            _require_finite(ops, w, source, name)
+        require_finite(ops, ws, sources[1:], layer.names[1:])
         return ops.merge_into(out, None, ws), LayerStats(layer.name, list(layer.shape), layer.numel, "average")
     from_mean = out_is_separate and hasattr(ops, "merge_from_mean_delta")
     gram = ops.gram(w0, ws, layer.rows, mean_delta=out) if from_mean else ops.gram(w0, ws, layer.rows)
+    r = checked_ratio(gram, layer, [w0, *ws], sources, ops, eps=eps, clamp=clamp)
+    merged = ops.merge_from_mean_delta(out, w0, r.t) if from_mean else ops.merge_into(out, w0, ws, r.t)
+    return merged, LayerStats.from_ratio(layer.name, layer.shape, r)
+
+
+def checked_ratio(gram, layer: Layer, inputs: Sequence, sources: Sequence[str], ops, *, eps: float, clamp: bool,
+                  elsewhere: str | None = None):
+    """The layer's ratio from its Gram, or InputError naming the input at fault when one of
+    ``inputs`` (w0 and the fine-tuned, or this rank's shards of them) holds NaN or inf, or
+    saying that the ratio is undefined. ``elsewhere``: the error when the norms are not finite
+    but these inputs are (a sharded layer: the fault is in another rank's shard)."""
     r = ratio(gram, eps=eps, clamp=clamp)
     if not ops.all_finite(r.norms):
         # A non-finite input makes some ||w_i - w0|| non-finite; name the first such input.
-        for w, source, name in zip([w0, *ws], sources, layer.names):
-            _require_finite(ops, w, source, name)
+        require_finite(ops, inputs, sources, layer.names)
+        if elsewhere is not None:
+            raise InputError(elsewhere, None, layer.name)
     if not ops.all_finite(r.t):
         raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
                          "formula divides by zero (merge with clamp on)", None, layer.name)
-    merged = ops.merge_from_mean_delta(out, w0, r.t) if from_mean else ops.merge_into(out, w0, ws, r.t)
-    return merged, LayerStats.from_ratio(layer.name, layer.shape, r)
+    return r
 
 
 def cast_output(merged, dtype: str, stats: LayerStats, ops, out=None):
@@ -58,6 +68,8 @@ def check_copy(layer: Layer, arrays: Sequence, sources: Sequence[str], ops) -> L
     return LayerStats(layer.name, list(layer.shape), layer.numel, "copy")
 
 
-def _require_finite(ops, w, source: str, name: str) -> None:
-    if not ops.all_finite(w):
-        raise InputError("holds NaN or inf", source, name)
+def require_finite(ops, arrays: Sequence, sources: Sequence[str], names: Sequence[str]) -> None:
+    """InputError naming the first array that holds NaN or inf."""
+    for w, source, name in zip(arrays, sources, names):
+        if not ops.all_finite(w):
+            raise InputError("holds NaN or inf", source, name)

@@ -17,9 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import reference
-from .layer import _require_finite
+from .layer import checked_ratio, require_finite
 from .plan import InputError, Layer
-from .ratio import ratio
 from .report import LayerStats
 
 
@@ -133,20 +132,13 @@ class ShardedMerge:
             out = p.out.to_local()
             flat = [t.reshape(-1).to(self.compute_dtype) for t in local]
             if p.layer.kind == "average":
-                for w, source, name in zip(flat[1:], self.sources[1:], p.layer.names[1:]):
-                    _require_finite(reference, w, source, name)
+                require_finite(reference, flat[1:], self.sources[1:], p.layer.names[1:])
                 result = reference.merge_into(torch.empty_like(flat[0]), None, flat[1:])
                 stats[p.layer.name] = LayerStats(p.layer.name, list(p.layer.shape), p.layer.numel, "average")
             else:
-                r = ratio(grams[start: start + p.rows], eps=self.eps, clamp=self.clamp)
+                r = checked_ratio(grams[start: start + p.rows], p.layer, flat, self.sources, reference, eps=self.eps,
+                                  clamp=self.clamp, elsewhere="holds NaN or inf (in another rank's shard)")
                 start += p.rows
-                if not reference.all_finite(r.norms):
-                    for w, source, name in zip(flat, self.sources, p.layer.names):
-                        _require_finite(reference, w, source, name)
-                    raise InputError("holds NaN or inf (in another rank's shard)", None, p.layer.name)
-                if not reference.all_finite(r.t):
-                    raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
-                                     "formula divides by zero (merge with clamp on)", None, p.layer.name)
                 t = r.t[p.row0: p.row0 + p.local_rows] if p.rows > 1 else r.t
                 result = reference.merge_into(torch.empty_like(flat[0]), flat[0], flat[1:], t) if flat[0].numel() \
                     else flat[0]
