@@ -361,7 +361,7 @@ def remove_stale_temporaries(out: str | os.PathLike) -> list[Path]:
     index) that no live process owns: what a merge killed with SIGKILL (or a power cut) left
     behind. Returns what was removed."""
     out = Path(out)
-    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    stem = _shard_stem(out)
     names = (rf"(?:{re.escape(out.name)}|{re.escape(out.name + INDEX_SUFFIX)}"
              rf"|{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.safetensors)")
     pattern = re.compile(rf"\.{names}\.(\d+)-[0-9a-f]{{8}}\.tmp")
@@ -397,10 +397,14 @@ def _header_bytes(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _shard_stem(out: Path) -> str:
+    return out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+
+
 def shard_paths(out: Path, count: int) -> tuple[list[Path], Path]:
     """Hugging Face naming: ``model.safetensors`` -> ``model-00001-of-00003.safetensors`` and
     ``model.safetensors.index.json``."""
-    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    stem = _shard_stem(out)
     return ([out.with_name(f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors") for i in range(count)],
             out.with_name(out.name + INDEX_SUFFIX))
 
