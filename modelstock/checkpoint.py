@@ -33,7 +33,7 @@ SAFETENSORS_DTYPES = {
     "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
 }
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-_MAX_HEADER = 100 << 20  # the safetensors format's own limit
+_MAX_HEADER = 100_000_000  # the safetensors library's limit (bytes of header)
 _MAX_IO = 1 << 30        # Linux moves at most ~2 GiB per read call
 # Bytes per write call. On the 2-core VM, a ViT-B-32 merge's 605 MB written a layer (up to
 # 96 MB) per call took 0.85-1.33 s in one run of two, with ~1 s of kernel time, against
@@ -87,7 +87,10 @@ class SafetensorsFile:
         if len(head) < 8:
             raise InputError("not a safetensors file (shorter than its 8-byte header size)", self.path)
         (hlen,) = struct.unpack("<Q", head)
-        if hlen > _MAX_HEADER or 8 + hlen > size:
+        if hlen > _MAX_HEADER:
+            raise InputError(f"not a safetensors file, or corrupt (a header of {hlen} bytes; the format allows "
+                             f"{_MAX_HEADER})", self.path)
+        if 8 + hlen > size:
             raise InputError("not a safetensors file, or truncated (header size out of range)", self.path)
         try:
             header = json.loads(os.pread(self._fd, hlen, 8))
@@ -98,7 +101,6 @@ class SafetensorsFile:
         self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
         self._data_start = 8 + hlen
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        end_max = 0
         for name, e in header.items():
             try:
                 shape = tuple(int(s) for s in e["shape"])
@@ -108,15 +110,26 @@ class SafetensorsFile:
                 raise InputError("corrupt header entry", self.path, name) from None
             if dtype is None:
                 raise InputError(f"dtype {e['dtype']} is not supported", self.path, name)
-            if end - start != nbytes(dtype, shape) or start < 0:
+            if any(s < 0 for s in shape) or end - start != nbytes(dtype, shape) or start < 0:
                 raise InputError("corrupt header entry (offsets do not match the shape)", self.path, name)
             self._entries[name] = (dtype, shape, start, end)
-            end_max = max(end_max, end)
-        if self._data_start + end_max > size:
-            raise InputError(
-                f"truncated: the header needs {self._data_start + end_max} bytes, the file has {size}", self.path)
         # State-dict order, as far as the file keeps it: the order of the data.
-        self._entries = dict(sorted(self._entries.items(), key=lambda kv: kv[1][2]))
+        self._entries = dict(sorted(self._entries.items(), key=lambda kv: (kv[1][2], kv[1][3])))
+        # The format's rule, as the safetensors library checks it: the tensors tile the data
+        # exactly, no overlap (two names over the same bytes), no gap, nothing after the last.
+        at = 0
+        for name, (_, _, start, end) in self._entries.items():
+            if start != at:
+                what = "overlaps the tensor before it" if start < at else f"leaves a gap of {start - at} bytes before it"
+                raise InputError(f"corrupt header: its data {what} (offsets {start}..{end})", self.path, name)
+            at = end
+        if self._data_start + at > size:
+            raise InputError(
+                f"truncated: the header needs {self._data_start + at} bytes, the file has {size}", self.path)
+        if self._data_start + at < size:
+            last = next(reversed(self._entries), None)
+            raise InputError(f"corrupt: {size - self._data_start - at} bytes follow the last tensor's data",
+                             self.path, last)
 
     def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {n: (e[0], e[1]) for n, e in self._entries.items()}
@@ -179,7 +192,13 @@ class ShardedSafetensors:
             raise InputError("no such file", self.path) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise InputError("not a safetensors index (no JSON 'weight_map')", self.path) from None
+        if not isinstance(weight_map, dict):
+            raise InputError("not a safetensors index ('weight_map' is not a mapping)", self.path)
         folder = Path(self.path).parent
+        for name, shard in weight_map.items():
+            if not is_plain_file_name(shard):
+                raise InputError(f"names the shard {shard!r}: a shard must be a file name in the index's folder",
+                                 self.path, name)
         self._shards: dict[str, SafetensorsFile] = {}
         try:
             for shard in dict.fromkeys(weight_map.values()):
@@ -264,6 +283,12 @@ class TorchFile:
 
     def files(self):
         return [self.path]
+
+
+def is_plain_file_name(name) -> bool:
+    """A name that stays in its folder: no separator, no parent, not absolute (an index's shard)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+            and (os.altsep is None or os.altsep not in name) and "\0" not in name)
 
 
 def unwrap_state_dict(obj, source: str) -> dict:

@@ -109,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.checkpoints) < 3:
         return _fail(f"needs at least two fine-tuned checkpoints (got {len(args.checkpoints) - 1}): "
                      "modelstock merge BASE FT1 FT2 [FT...] -o OUT")
-    for extra in (args.report, args.plot):
-        if extra and os.path.exists(extra) and not args.force:
-            return _fail(f"{extra}: exists (use --force to replace it)")
-        if extra and os.path.abspath(extra) in {os.path.abspath(c) for c in args.checkpoints + [args.output]}:
-            return _fail(f"{extra}: is also a checkpoint path")
+    try:  # every output path is checked before any input is read
+        _check_extra_outputs(args, args.checkpoints)
+    except ValueError as e:
+        return _fail(str(e))
 
     from .files import merge_files  # numpy only: torch is imported just for torch-format files
 
@@ -146,6 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(report.summary())
     return 0
+
+
+def _check_extra_outputs(args, inputs) -> None:
+    """--report and --plot: writable where they point, clear of the inputs and the output,
+    and (for the plot) matplotlib importable, all before the merge runs."""
+    from .outputs import check_output_file
+    from .plan import InputError
+
+    extras = [e for e in (args.report, args.plot) if e]
+    for extra in extras:
+        check_output_file(extra, inputs, args.force)
+    outputs = [os.path.realpath(args.output)] + [os.path.realpath(e) for e in extras]
+    if len(set(outputs)) < len(outputs):
+        raise InputError("--output, --report and --plot must name different files", extras[0])
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib (pip install matplotlib)", args.plot) from None
 
 
 def _kmb(size: str) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 from . import stream_math
 from .checkpoint import CheckpointWriter, open_checkpoint, output_paths, remove_stale_temporaries
 from . import folders
+from .outputs import check_not_an_input, check_output_file
 from .layer import cast_output, check_copy, merge_layer
 from .plan import FLOATS, NUMPY_DTYPES, InputError, Layer, dtype_name, nbytes, plan_layers
 from .ratio import EPS
@@ -116,18 +117,10 @@ def _parse_size(size: int | str | None) -> int | None:
     return int(s)
 
 
-def _check_output(out: Path, paths: list[Path], inputs: list, force: bool) -> None:
-    if not out.parent.is_dir():
-        raise InputError("the output's folder does not exist", str(out))
-    input_files = [Path(f) for ck in inputs for f in ck.files()]
+def _check_output(paths: list[Path], inputs: list, force: bool) -> None:
+    input_files = [f for ck in inputs for f in ck.files()]
     for p in paths:
-        for f in input_files:
-            if p.exists() and os.path.samefile(p, f) or os.path.realpath(p) == os.path.realpath(f):
-                raise InputError("the output would overwrite an input", str(p))
-        if p.exists() and not force:
-            raise InputError("exists (use --force / force=True to replace it)", str(p))
-        if p.is_dir():
-            raise InputError("is a folder", str(p))
+        check_output_file(p, input_files, force)
 
 
 def merge_files(
@@ -196,10 +189,14 @@ def merge_files(
         from .device_files import check_device
 
         gpu = check_device(device)
+    # Before any input is opened: the output is none of them, holds none, lies in none.
+    check_not_an_input(out, [base, *finetuned])
     inputs = []
     try:
         for path in [base, *finetuned]:
             inputs.append(open_checkpoint(path))
+        # ... nor any file they name (an index's shards, symlinks followed).
+        check_not_an_input(out, [f for ck in inputs for f in ck.files()])
         options = dict(granularity=granularity, clamp=clamp, exclude=exclude, eps=eps, out_dtype=out_dtype,
                        compute_dtype=compute_dtype, force=force, durable=durable, progress=progress, device=gpu,
                        chunk_bytes=chunk_bytes, backend=backend)
@@ -237,7 +234,7 @@ def _merge_open(inputs, out: Path, start: float, *, granularity, clamp, exclude,
     layers = plan_layers([ck.tensors() for ck in inputs], sources, granularity=granularity, exclude=exclude)
     entries = [(layer.name, layer.dtypes[0] if layer.kind == "copy" else (out_dtype or layer.dtypes[0]),
                 layer.shape) for layer in layers]
-    _check_output(out, output_paths(out, entries, shard_size), inputs, force)
+    _check_output(output_paths(out, entries, shard_size), inputs, force)
     remove_stale_temporaries(out)
 
     n = len(inputs) - 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import write_atomic
+from .outputs import is_hf_weight_file
 from .plan import InputError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -32,15 +33,17 @@ def companion_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not is_weights(p.name))
 
 
-def prepare(out: Path, companions: list[Path], force: bool) -> bool:
+def prepare(out: Path, companions: list[Path], force: bool, extra_names=()) -> bool:
     """Make the output folder (its parent must exist); returns whether it was created. An
-    existing folder needs ``force`` if it holds any file the merge would write."""
+    existing folder needs ``force`` if it holds any file the merge would write or replace:
+    Hugging Face weight files, the base's companions, ``extra_names``."""
     if out.exists() and not out.is_dir():
         raise InputError("the base is a model folder, so the output is a folder, but this is a file", str(out))
     if not out.parent.is_dir():
         raise InputError("the output's folder does not exist", str(out.parent))
     if out.is_dir():
-        clash = [p.name for p in out.iterdir() if is_weights(p.name) or p.name in {c.name for c in companions}]
+        written = {c.name for c in companions} | set(extra_names)
+        clash = sorted(p.name for p in out.iterdir() if is_hf_weight_file(p.name) or p.name in written)
         if clash and not force:
             raise InputError(f"exists and holds {clash[0]} (use --force / force=True to replace it)", str(out))
         return False
@@ -58,9 +61,10 @@ def copy_companions(companions: list[Path], out: Path, durable: bool) -> list[Pa
 
 
 def remove_old_weights(out: Path, keep: list[Path]) -> None:
-    """After a forced merge into an existing folder: weights of an earlier layout (other shard
-    counts, another format) would shadow the new ones for a loader."""
+    """After a forced merge into an existing folder: Hugging Face weights of an earlier layout
+    (other shard counts, ``pytorch_model*.bin``) would shadow the new ones for a loader. Only
+    those go; every other file of the folder stays (``outputs.py``)."""
     keep_names = {p.name for p in keep}
     for p in out.iterdir():
-        if p.is_file() and is_weights(p.name) and p.name not in keep_names:
+        if is_hf_weight_file(p.name) and p.name not in keep_names and (p.is_file() or p.is_symlink()):
             p.unlink()
