@@ -17,8 +17,9 @@ __all__ = ["merge", "merge_", "InPlaceMerge", "PeriodicMerge", "merge_files", "M
            "InputError"]
 
 
-_HOMES = {"merge": "in_memory", "merge_": "in_memory", "InPlaceMerge": "in_memory", "PeriodicMerge": "periodic",
-          "merge_files": "files", "MergeReport": "report", "LayerStats": "report", "InputError": "plan"}
+_HOMES = {"merge": "merging.in_memory", "merge_": "merging.in_memory", "InPlaceMerge": "merging.in_memory",
+          "PeriodicMerge": "merging.periodic", "merge_files": "merging.files", "MergeReport": "report",
+          "LayerStats": "report", "InputError": "errors"}
 
 
 def __getattr__(name):

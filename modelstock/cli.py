@@ -8,7 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# --dtype: the short names and mergekit's (modelstock/dtypes.py resolves both)
+DTYPE_CHOICES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
 EXIT_BAD_INPUT = 2
 
 
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the authors' exact formula: cos clamped to [-1, 1], so t may leave [0, 1]")
     m.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensors matching GLOB get the plain average of the fine-tuned models (repeatable)")
-    m.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's, per tensor)")
+    m.add_argument("--dtype", choices=DTYPE_CHOICES, metavar="{fp32,fp16,bf16}",
+                   help="output dtype, also as float32, float16, bfloat16 (default: the base's, per tensor)")
     m.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N}",
                    help="where the arithmetic runs: cpu (numpy, no torch needed) or a GPU (Triton kernels, "
                    "chunks streamed through pinned buffers)")
@@ -93,7 +95,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 
 
 def _single_threaded_blas() -> None:
-    """The merge runs its own threads (stream_math); OpenBLAS's pool, started when numpy loads,
+    """The merge runs its own threads (backends/numpy_ops.py); OpenBLAS's pool, started when numpy loads,
     only spins beside them: ~0.1 s of CPU in a 0.7 s ViT-B-32 merge on 2 cores (measured).
     Effective only before numpy is first imported (so not when main() runs inside a process
     that has it); a value the user set wins."""
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return _fail(str(e))
 
-    from .files import merge_files  # numpy only: torch is imported just for torch-format files
+    from .merging.files import merge_files  # numpy only: torch is imported just for torch-format files
 
     # the handler can only be installed from the main thread (main() may run elsewhere)
     main_thread = threading.current_thread() is threading.main_thread()
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         report = merge_files(
             args.checkpoints[0], args.checkpoints[1:], args.output,
             granularity=args.granularity, clamp=not args.no_clamp, exclude=args.exclude,
-            out_dtype=DTYPES[args.dtype] if args.dtype else None,
+            out_dtype=args.dtype,
             shard_size=args.shard_size, force=args.force, durable=args.fsync, device=args.device,
             chunk_size=args.chunk_size, progress=not args.quiet and sys.stderr.isatty())
     except ValueError as e:  # a bad input (InputError) or option value (shard size, granularity)
@@ -150,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check_extra_outputs(args, inputs) -> None:
     """--report and --plot: writable where they point, clear of the inputs and the output,
     and (for the plot) matplotlib importable, all before the merge runs."""
-    from .outputs import check_output_file
-    from .plan import InputError
+    from .io.outputs import check_output_file
+    from .errors import InputError
 
     extras = [e for e in (args.report, args.plot) if e]
     for extra in extras:
@@ -166,45 +168,18 @@ def _check_extra_outputs(args, inputs) -> None:
             raise InputError("--plot needs matplotlib (pip install matplotlib)", args.plot) from None
 
 
-def _kmb(size: str) -> int:
-    """mergekit's sizes: K, M, B for thousand, million, billion (bytes)."""
-    s = size.strip().upper()
-    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(s[-1:], 1)
-    try:
-        return int(float(s[:-1] if scale != 1 else s) * scale)
-    except ValueError:
-        raise ValueError(f"--out-shard-size: {size!r} is not a size like 5B, 500M or 200K") from None
-
-
 def _mergekit_yaml(args) -> int:
-    from . import folders, mergekit_config
-    from .checkpoint import write_atomic
-    from .files import merge_files
-    from .plan import InputError
+    from . import mergekit
 
     for flag in (*MERGEKIT_IGNORED_FLAGS, *MERGEKIT_IGNORED_OPTIONS):
         if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False):
             print(f"modelstock: {flag} means nothing here; ignored", file=sys.stderr)
     out = Path(args.out_path)
     try:
-        cfg = mergekit_config.load(args.config)
-        if not folders.is_model_folder(cfg.base):
-            raise InputError("the base_model must be a model folder (config.json beside its weights), as "
-                             "mergekit-yaml's are", str(cfg.base))
-        if cfg.filter_wise:
-            _check_filter_wise(cfg)
-        for note in cfg.ignored:
-            print(f"modelstock: ignoring {note}", file=sys.stderr)
-        report = merge_files(
-            cfg.base, cfg.finetuned, out, granularity="row" if cfg.filter_wise else "tensor", clamp=False,
-            out_dtype=cfg.out_dtype or cfg.dtype, shard_size=_kmb(args.out_shard_size), force=args.force,
-            device="cuda" if args.cuda else "cpu", progress=not args.quiet and sys.stderr.isatty(),
-            skip_files=() if args.copy_tokenizer else mergekit_config.TOKENIZER_FILES)
-        extras = {"mergekit_config.yml": cfg.text}
-        if args.write_model_card:
-            extras["README.md"] = mergekit_config.model_card(cfg, out)
-        for name, text in extras.items():
-            write_atomic(out / name, text.encode())
+        report = mergekit.run_config(
+            args.config, out, cuda=args.cuda, out_shard_size=args.out_shard_size, copy_tokenizer=args.copy_tokenizer,
+            write_model_card=args.write_model_card, force=args.force, progress=not args.quiet and sys.stderr.isatty(),
+            notice=lambda note: print(f"modelstock: {note}", file=sys.stderr))
     except ValueError as e:  # InputError included
         return _fail(str(e))
     except OSError as e:
@@ -212,20 +187,3 @@ def _mergekit_yaml(args) -> int:
     if not args.quiet:
         print(report.summary())
     return 0
-
-
-def _check_filter_wise(cfg) -> None:
-    """filter_wise reduces over the last dim in mergekit, over all but dim 0 here: the same for
-    the 1-D and 2-D tensors of transformer LMs, not for convolutions."""
-    from .checkpoint import open_checkpoint
-    from .plan import InputError
-
-    ck = open_checkpoint(cfg.base)
-    try:
-        for name, (_, shape) in ck.tensors().items():
-            if len(shape) > 2:
-                raise InputError(f"filter_wise on a {len(shape)}-D tensor: mergekit takes one ratio per "
-                                 "last-dim row, this package per output row (dim 0); only 1-D and 2-D "
-                                 "tensors agree", str(cfg.base), name)
-    finally:
-        ck.close()

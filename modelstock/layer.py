@@ -1,10 +1,12 @@
 """One layer's merge with its checks, for either math backend: ``modelstock.reference``
-(torch tensors) or ``modelstock.stream_math`` (numpy arrays), passed as ``ops``."""
+(torch tensors) or ``modelstock.backends.numpy_ops`` (numpy arrays), passed as ``ops``
+(the per-layer contract of ``modelstock/backends/__init__.py``)."""
 from __future__ import annotations
 
 from typing import Sequence
 
-from .plan import InputError, Layer
+from .errors import InputError
+from .plan import Layer
 from .ratio import EPS, ratio
 from .report import LayerStats
 
@@ -16,9 +18,7 @@ def merge_layer(layer: Layer, w0, ws: Sequence, out, sources: Sequence[str], ops
     InputError naming the input at fault when any input holds NaN or inf.
 
     ``out_is_separate``: ``out`` shares no memory with the inputs, so a backend that can
-    (``stream_math``) keeps the deltas' mean there from the Gram pass and merges from it."""
-    if len(ws) < 2:
-        raise InputError(f"needs at least two fine-tuned checkpoints, got {len(ws)}")
+    (``numpy_ops``) keeps the deltas' mean there from the Gram pass and merges from it."""
     if layer.kind == "average":
         require_finite(ops, ws, sources[1:], layer.names[1:])
         return ops.merge_into(out, None, ws), LayerStats(layer.name, list(layer.shape), layer.numel, "average")
@@ -42,9 +42,13 @@ def checked_ratio(gram, layer: Layer, inputs: Sequence, sources: Sequence[str], 
         if elsewhere is not None:
             raise InputError(elsewhere, None, layer.name)
     if not ops.all_finite(r.t):
-        raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
-                         "formula divides by zero (merge with clamp on)", None, layer.name)
+        raise undefined_ratio(layer)
     return r
+
+
+def undefined_ratio(layer: Layer) -> InputError:
+    return InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
+                      "formula divides by zero (merge with clamp on)", None, layer.name)
 
 
 def cast_output(merged, dtype: str, stats: LayerStats, ops, out=None):
@@ -52,11 +56,17 @@ def cast_output(merged, dtype: str, stats: LayerStats, ops, out=None):
     ratio (clamp off, t outside [0, 1]) can leave the inputs' range, so only then is the result
     checked for overflow."""
     result = ops.cast(merged, dtype, out)
-    extrapolates = stats.t_min is not None and (stats.t_min < 0 or stats.t_max > 1)
-    if extrapolates and not ops.all_finite(ops.widen(result, dtype)):
-        raise InputError(f"the extrapolated result (t = {stats.t_min:.3g}..{stats.t_max:.3g}) overflows {dtype}",
-                         None, stats.name)
+    check_extrapolation(result, stats, ops, dtype)
     return result
+
+
+def check_extrapolation(result, stats: LayerStats, ops, dtype: str | None = None) -> None:
+    """Only an extrapolating ratio (clamp off, t outside [0, 1]) can leave the inputs' range:
+    then the result, stored as ``dtype`` (None: a torch tensor of its own dtype), must be finite."""
+    extrapolates = stats.t_min is not None and (stats.t_min < 0 or stats.t_max > 1)
+    if extrapolates and not ops.all_finite(ops.widen(result, dtype) if dtype else result):
+        raise InputError(f"the extrapolated result (t = {stats.t_min:.3g}..{stats.t_max:.3g}) overflows "
+                         f"{dtype or result.dtype}", None, stats.name)
 
 
 def check_copy(layer: Layer, arrays: Sequence, sources: Sequence[str], ops) -> LayerStats:

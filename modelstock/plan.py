@@ -10,32 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import numpy as np
-
+from .dtypes import FLOATS, ITEMSIZE, nbytes
+from .errors import InputError, require_two_finetuned
 from .ratio import layer_rows
-
-# dtypes by name ("float32", as str(torch.float32) without "torch."), the same for every backend.
-FLOATS = ("float64", "float32", "float16", "bfloat16")
-# The numpy dtype holding each (numpy has no bfloat16: it travels as its uint16 bits).
-NUMPY_DTYPES = {
-    "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
-    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
-    "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "bool": np.bool_,
-}
-ITEMSIZE = {name: np.dtype(d).itemsize for name, d in NUMPY_DTYPES.items()}
 
 # Wrappers that training code puts in front of every name: DistributedDataParallel's
 # `module.` and torch.compile's `_orig_mod.`. open_clip's own checkpoints carry `module.`.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class InputError(ValueError):
-    """A bad input, named by where it came from (file or argument) and the tensor at fault."""
-
-    def __init__(self, message: str, source: str | None = None, tensor: str | None = None):
-        self.message, self.source, self.tensor = message, source, tensor
-        where = [s for s in (source, f"tensor '{tensor}'" if tensor is not None else None) if s]
-        super().__init__(": ".join(where + [message]))
 
 
 @dataclass(frozen=True)
@@ -55,15 +36,6 @@ class Layer:
     def nbytes_in(self) -> int:
         """The layer's bytes in all the inputs together (what reading it costs)."""
         return sum(nbytes(d, self.shape) for d in self.dtypes)
-
-
-def dtype_name(dtype) -> str:
-    """"bfloat16" for torch.bfloat16 (or for "bfloat16"): the names dtypes go by here."""
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-
-
-def nbytes(dtype: str, shape: Sequence[int]) -> int:
-    return math.prod(shape) * ITEMSIZE[dtype]
 
 
 def canonical_name(name: str) -> str:
@@ -100,8 +72,7 @@ def plan_layers(
     Raises InputError naming the input and tensor for a missing or extra tensor, a shape
     mismatch, or a floating tensor stored as an integer elsewhere.
     """
-    if len(metas) < 3:
-        raise InputError(f"needs at least two fine-tuned checkpoints, got {len(metas) - 1}")
+    require_two_finetuned(len(metas) - 1)
     layer_rows((1,), granularity)  # validates the granularity before anything else
     maps = [_canonical_map(m, s) for m, s in zip(metas, sources)]
     base_keys = maps[0]

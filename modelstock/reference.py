@@ -11,7 +11,7 @@ floating dtype (the compute dtype). With ``rows > 1`` (granularity ``row``) ever
     merged = w0 + t mean_i(d_i)       the spec's w0 + t (mean_i(w_i) - w0), with the mean
                                         taken of the deltas (fewer roundings: merge_into)
 
-``modelstock/stream_math.py`` is the same math on numpy arrays for the torch-free file merge;
+``modelstock/backends/numpy_ops.py`` is the same math on numpy arrays for the torch-free file merge;
 the tests hold the two to each other and to an fp64 formula. Both provide the names
 ``gram, merge_into, all_finite, cast, widen, equal`` that ``modelstock/layer.py`` calls.
 """

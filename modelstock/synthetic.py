@@ -46,8 +46,8 @@ def write_synthetic(
 ) -> list[Path]:
     """Write a base and ``n`` fine-tuned safetensors checkpoints into ``out_dir``, streamed one
     tensor at a time (memory stays small for any model size). Returns [base, ft1, ..., ftn]."""
-    from .checkpoint import CheckpointWriter
-    from .plan import dtype_name
+    from .dtypes import dtype_name
+    from .io import CheckpointWriter
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modelstock import InputError
-from modelstock.checkpoint import CheckpointWriter, open_checkpoint, output_paths, to_torch
+from modelstock.io import CheckpointWriter, open_checkpoint, output_paths, to_torch
 
 
 def sample_state_dict():
@@ -190,7 +190,7 @@ def test_writer_refuses_out_of_order_tensors(tmp_path):
 
 
 def test_stale_temporaries_of_an_output_and_its_shards_are_recognised(tmp_path):
-    from modelstock.checkpoint import remove_stale_temporaries
+    from modelstock.io import remove_stale_temporaries
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

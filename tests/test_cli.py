@@ -171,7 +171,7 @@ def test_open_clip_vit_b_32_merged_by_cli_loads_strict_and_runs(tmp_path):
 
 
 def test_device_cuda_runs_the_gpu_pipeline_or_says_why_not(ckpts, capsys, monkeypatch):
-    from modelstock import device_files
+    from modelstock.merging import gpu_pipeline as device_files
 
     from .test_device_files import check_output
 
@@ -211,8 +211,9 @@ def _paused_merge(paths, out):
     mid-way."""
     code = f"""
 import sys, time
-from modelstock import cli, files
-real = files._stream
+from modelstock import cli
+from modelstock.merging import cpu_pipeline as files
+real = files.stream
 def paused(inputs, layers, entries, write, *args, **kwargs):
     def first_then_wait(*a, **k):
         write(*a, **k)
@@ -222,7 +223,7 @@ def paused(inputs, layers, entries, write, *args, **kwargs):
             print("writing", flush=True)
             time.sleep(60)
     return real(inputs, layers, entries, first_then_wait, *args, **kwargs)
-files._stream = paused
+files.stream = paused
 sys.exit(cli.main({["merge", *map(str, paths), "-o", str(out), "--quiet"]!r}))
 """
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

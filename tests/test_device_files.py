@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import modelstock
-from modelstock import InputError, device_files
+from modelstock import InputError
+from modelstock.merging import gpu_pipeline as device_files
 from modelstock.plan import plan_layers
 
 from .helpers import assert_within, merge_tolerance, spec_merge_fp64

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import modelstock
 from modelstock import InputError, MergeReport
-import modelstock.files as files
+import modelstock.merging.cpu_pipeline as files
 
 from .helpers import assert_within, merge_tolerance, spec_merge_fp64
 from .test_merge import make_models

@@ -252,7 +252,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="CUDA tensors"):
         modelstock.merge(base, fts, backend="triton")
     # "auto" never picks the kernels for CPU tensors
-    from modelstock.in_memory import resolve_backend
+    from modelstock.backends import resolve_backend
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
@@ -279,7 +279,7 @@ def test_merged_layer_rounds_once_at_the_weights_magnitude(n, path):
     # rounds twice there: up to (1 + t) / 2 ulp, which this bound refuses.)
     import numpy as np
 
-    from modelstock import stream_math
+    from modelstock.backends import numpy_ops as stream_math
 
     from .helpers import DEVICE
 

@@ -154,7 +154,7 @@ def test_merge_in_place_into_the_models_being_trained():
             assert_within(sd[k].cpu(), v.cpu().double(), 4 * torch.finfo(torch.float32).eps * (1 + v.cpu().double().abs()), k)
     assert len(report.layers) == len(want)
     # The second merge of the same models reuses the cached tables.
-    from modelstock import triton_merge
+    from modelstock.backends import triton as triton_merge
 
     plans = len(triton_merge._PLANS)
     modelstock.merge_([m1, m2], base, [m1, m2], backend="triton")

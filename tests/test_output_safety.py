@@ -198,7 +198,7 @@ def test_report_and_plot_paths_checked_before_any_input_is_read(tmp_path, capsys
     for i in range(3):
         paths.append(tmp_path / f"m{i}.safetensors")
         save_file({"w": w + 0.01 * i * torch.randn(8, generator=g)}, paths[-1])
-    import modelstock.files as files
+    import modelstock.merging.files as files
 
     def no_reading(*a, **k):
         raise AssertionError("an input was opened before the output paths were checked")

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from modelstock import reference, stream_math
-from modelstock.checkpoint import to_numpy, to_torch
+from modelstock import reference
+from modelstock.backends import numpy_ops as stream_math
+from modelstock.io import to_numpy, to_torch
 
 
 @pytest.mark.parametrize("rows,k", [(1, 1), (1, 257), (1, 300_007), (5, 70_001), (700, 3), (3, 512)])

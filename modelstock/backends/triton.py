@@ -15,9 +15,12 @@ from torch import Tensor
 
 from kernels import merge as kmerge
 
-from .plan import InputError, Layer
-from .ratio import Ratio, ratio
-from .report import LayerStats
+from .. import reference as _torch_ops
+from ..layer import check_extrapolation, require_finite, undefined_ratio
+from ..plan import Layer
+from ..ratio import Ratio, ratio
+from ..report import LayerStats
+from . import LayerEntry
 
 _PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 4
@@ -76,6 +79,25 @@ class Prepared:
         self.groups = _plan(self.tensors, self.outs, [layer.rows for layer in layers]) if layers else []
 
 
+def takes(entry: LayerEntry) -> bool:
+    """Whether the kernels merge this layer (a floating, contiguous target with every input on
+    its device); the others go to the reference."""
+    return (entry.layer.kind == "merge" and entry.out.is_contiguous() and entry.out.is_floating_point()
+            and all(t.device == entry.out.device for t in entry.tensors))
+
+
+class TritonLayers:
+    """The layer executor on the kernels (``modelstock/backends/__init__.py``)."""
+
+    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, **_):
+        self.sources, self.eps, self.clamp = sources, eps, clamp
+        self.prepared = Prepared([e.layer for e in entries], [e.tensors for e in entries], [e.out for e in entries])
+
+    def __call__(self, stats: bool = True) -> dict:
+        figures = run(self.prepared, self.sources, eps=self.eps, clamp=self.clamp, stats=stats)
+        return {layer.name: st for layer, st in zip(self.prepared.layers, figures)}
+
+
 def run(p: Prepared, sources: Sequence[str], *, eps: float, clamp: bool, stats: bool = True) -> list[LayerStats | None]:
     """Merge the prepared layers into their outputs; each layer's figures (None if not ``stats``).
     One host synchronisation per group, for the NaN / inf check, after the merge's launch (so
@@ -95,18 +117,13 @@ def run(p: Prepared, sources: Sequence[str], *, eps: float, clamp: bool, stats: 
             for i, (s0, s1) in zip(g.layers, g.segments):
                 part = Ratio(*(x[s0:s1] for x in (host.norms, host.cos_pairs, host.cos, host.t, host.clamped)))
                 result[i] = LayerStats.from_ratio(p.layers[i].name, p.layers[i].shape, part)
-                extrapolates = result[i].t_min < 0 or result[i].t_max > 1
-                if extrapolates and not bool(torch.isfinite(p.outs[i]).all()):
-                    raise InputError(f"the extrapolated result (t = {result[i].t_min:.3g}..{result[i].t_max:.3g}) "
-                                     f"overflows {p.outs[i].dtype}", None, p.layers[i].name)
+                check_extrapolation(p.outs[i], result[i], _torch_ops)
     return result if stats else [None] * len(p.layers)
 
 
 def _raise_non_finite(g: _Group, finite: Tensor, layers, tensors, sources) -> None:
+    """The error layer.py gives for the first layer of the group whose ratio is not finite."""
     bad_seg = int(torch.nonzero(~finite)[0])
     i = next(i for i, (s0, s1) in zip(g.layers, g.segments) if s0 <= bad_seg < s1)
-    for t, source, name in zip(tensors[i], sources, layers[i].names):
-        if not bool(torch.isfinite(t).all()):
-            raise InputError("holds NaN or inf", source, name)
-    raise InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
-                     "formula divides by zero (merge with clamp on)", None, layers[i].name)
+    require_finite(_torch_ops, tensors[i], sources, layers[i].names)
+    raise undefined_ratio(layers[i])

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .plan import InputError
+from ..errors import InputError
 
 # The weight files of a Hugging Face model folder, as save_pretrained names them.
 HF_WEIGHT_FILE = re.compile(r"(?:model|pytorch_model)(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)"

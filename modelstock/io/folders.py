@@ -1,15 +1,19 @@
 """Hugging Face model folders: a ``config.json`` beside the weights (one ``model.safetensors``
 or shards with ``model.safetensors.index.json``) and the files that go with them (generation
-config, processor and tokenizer files). A merge whose base is such a folder writes a folder
-laid out like it: the merged weights, and every other file of the base copied unchanged, so
-that the model class's ``from_pretrained`` loads the result."""
+config, processor and tokenizer files).
+
+Reading: a folder given as a checkpoint is read through the weights it holds. Writing: a merge
+whose base is such a folder writes a folder laid out like it: the merged weights, and every
+other file of the base copied unchanged, so that the model class's ``from_pretrained`` loads
+the result."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import write_atomic
+from ..errors import InputError
+from . import index, safetensors
+from .atomic import write_atomic
 from .outputs import is_hf_weight_file
-from .plan import InputError
 
 WEIGHTS_NAME = "model.safetensors"
 # transformers' save_pretrained(max_shard_size=...) default (transformers 5)
@@ -60,6 +64,11 @@ def copy_companions(companions: list[Path], out: Path, durable: bool) -> list[Pa
     return written
 
 
+def write_files(out: Path, files, durable: bool) -> list[Path]:
+    """Files the merge adds to the folder ({name: bytes}), written as the weights are."""
+    return [write_atomic(out / name, data, durable) for name, data in files.items()]
+
+
 def remove_old_weights(out: Path, keep: list[Path]) -> None:
     """After a forced merge into an existing folder: Hugging Face weights of an earlier layout
     (other shard counts, ``pytorch_model*.bin``) would shadow the new ones for a loader. Only
@@ -68,3 +77,18 @@ def remove_old_weights(out: Path, keep: list[Path]) -> None:
     for p in out.iterdir():
         if is_hf_weight_file(p.name) and p.name not in keep_names and (p.is_file() or p.is_symlink()):
             p.unlink()
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir()
+
+
+def reader(path: Path):
+    """The folder's weights: its one ``*.safetensors.index.json``, or its one ``.safetensors``."""
+    indexes = sorted(path.glob("*.safetensors" + index.INDEX_SUFFIX))
+    if len(indexes) == 1:
+        return index.ShardedIndex(indexes[0])
+    files = sorted(path.glob("*.safetensors"))
+    if not indexes and len(files) == 1:
+        return safetensors.SafetensorsFile(files[0])
+    raise InputError("a folder must hold one *.safetensors.index.json (or one .safetensors file)", str(path))

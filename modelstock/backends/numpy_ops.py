@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .plan import NUMPY_DTYPES
-from .tiles import BLOCK, CHUNK, tiles
+from ..dtypes import NUMPY_DTYPES
+from ..tiles import BLOCK, CHUNK, tiles
 
 def gram(w0: np.ndarray, ws: Sequence[np.ndarray], rows: int = 1, mean_delta: np.ndarray | None = None) -> np.ndarray:
     """``(rows, N, N)`` fp64 Gram matrices of ``d_i = ws[i] - w0``; see reference.gram (the

@@ -13,11 +13,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .in_memory import InPlaceMerge, _state_dict
-from .plan import canonical_name
-from .ratio import EPS
-from .report import MergeReport
-from .sharded import is_dtensor, local_like
+from ..backends.sharded import is_dtensor, local_like
+from ..plan import canonical_name
+from ..ratio import EPS
+from ..report import MergeReport
+from .in_memory import InPlaceMerge, state_dict_of
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -56,7 +56,7 @@ class PeriodicMerge:
         # as long as the models agree (and refuses if they drift apart).
         live = {canonical_name(k): v for k, v in self.models[0].state_dict().items()}
         self.base = {}
-        for k, v in _state_dict(base, "base").items():
+        for k, v in state_dict_of(base, "base").items():
             model_tensor = live.get(canonical_name(k))
             if not v.is_floating_point():
                 self.base[k] = model_tensor if model_tensor is not None else v

@@ -23,10 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import stream_math
+from ..backends import numpy_ops
+from ..dtypes import NUMPY_DTYPES, nbytes
+from ..errors import InputError
+from ..plan import Layer
+from ..report import MergeReport
 from .in_memory import InPlaceMerge
-from .plan import NUMPY_DTYPES, InputError, Layer, nbytes
-from .report import MergeReport
+from .options import MergeOptions
 
 _ALIGN = 64  # bytes: every tensor starts 64-byte aligned in the buffers (vector loads, any dtype)
 _STOP = object()
@@ -104,9 +107,8 @@ def _view(buf: torch.Tensor, span: tuple[int, int], dtype: str, shape) -> torch.
     return buf[offset: offset + size].view(getattr(torch, dtype)).view(shape)
 
 
-def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar, *, device: torch.device,
-           granularity: str, exclude, eps: float, clamp: bool, compute_dtype: str, chunk_bytes: int,
-           backend: str) -> None:
+def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar, options: MergeOptions, *,
+           device: torch.device, chunk_bytes: int) -> None:
     """Merge ``layers`` chunk by chunk on ``device``, handing each result to ``write`` in order
     and appending each layer's figures to ``report``."""
     out_dtypes = [dtype for _, dtype, _ in entries]
@@ -129,8 +131,8 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     ready: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_chunks, args=(inputs, layers, chunks, host_in, free_in, ready), daemon=True)
     reader.start()
-    options = dict(granularity=granularity, exclude=exclude, eps=eps, clamp=clamp, backend=backend,
-                   compute_dtype=getattr(torch, compute_dtype))
+    merge_options = dict(granularity=options.granularity, exclude=options.exclude, eps=options.eps,
+                         clamp=options.clamp, backend=options.backend, compute_dtype=options.torch_compute_dtype)
     try:
         for k, chunk in enumerate(chunks):
             s = k % 2
@@ -146,7 +148,7 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
                 streams.wait("compute", loaded)
                 streams.wait("compute", copied_out[s])  # chunk k - 2's result has left dev_out[s]
                 report.layers.extend(_merge_chunk(chunk, layers, out_dtypes, dev_in[s], dev_out[s], report.inputs,
-                                                  options))
+                                                  merge_options))
                 computed[s] = streams.record("compute")
             out_free[s].acquire()  # the writer is done with host_out[s] (chunk k - 2)
             with streams.on("d2h"):
@@ -212,7 +214,7 @@ def _pieces(inputs, layers, chunk: _Chunk, buf):
 def _read_chunks(inputs, layers, chunks, host_in, free_in, ready: queue.Queue) -> None:
     """Reader thread: each chunk's tensors into the next free pinned buffer, in order, the
     pieces read by a pool of threads (pread releases the GIL)."""
-    threads = min(_READ_THREADS, stream_math.threads())
+    threads = min(_READ_THREADS, numpy_ops.threads())
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="modelstock-read") as pool:
             for k, chunk in enumerate(chunks):

@@ -1,5 +1,6 @@
 """mergekit's YAML for ``merge_method: model_stock``, read as mergekit reads it, run as this
-package's file merge: ``modelstock mergekit-yaml CONFIG OUT_PATH``.
+package's file merge: ``modelstock.mergekit.run_config(CONFIG, OUT_PATH)``, which the command
+``modelstock mergekit-yaml CONFIG OUT_PATH`` wraps.
 
 What mergekit's model_stock computes, per tensor (or per row with ``filter_wise``): the mean over
 pairs of cos = <d_i, d_j> / max(|d_i| |d_j|, 1e-6), clipped to [-1, 1] only (the authors'
@@ -11,10 +12,13 @@ the norm product is above 1e-6), computes in fp32 whatever ``dtype`` says (merge
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .plan import InputError
+from .dtypes import FLOAT_ALIASES
+from .errors import InputError
 
 METHOD = "model_stock"
 SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths, "
@@ -22,8 +26,6 @@ SUPPORTED = ("supported: merge_method: model_stock with base_model and models gi
 # what mergekit's own tokenizer handling copies from the base (--copy-tokenizer, its default)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja")
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name", "tokenizer_source"}
 
 
@@ -58,9 +60,9 @@ def _model_path(entry, where: str, root: Path) -> Path:
 def _dtype(value, key: str) -> str | None:
     if value is None:
         return None
-    if str(value) not in DTYPES:
-        raise InputError(f"{key}: {value!r} is not one of {sorted(set(DTYPES))}")
-    return DTYPES[str(value)]
+    if str(value) not in FLOAT_ALIASES:
+        raise InputError(f"{key}: {value!r} is not one of {sorted(FLOAT_ALIASES)}")
+    return FLOAT_ALIASES[str(value)]
 
 
 def load(config_path) -> ModelStockConfig:
@@ -122,3 +124,61 @@ def model_card(cfg: ModelStockConfig, out: Path) -> str:
             "as the base.\n\n### Models Merged\n\nThe following models were included in the merge:\n"
             f"{models}\n\n### Configuration\n\nThe following YAML configuration was used to produce this "
             f"model:\n\n```yaml\n{cfg.text.strip()}\n```\n")
+
+
+def parse_kmb(size: str) -> int:
+    """mergekit's sizes: K, M, B for thousand, million, billion (bytes)."""
+    s = size.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(s[-1:], 1)
+    try:
+        return int(float(s[:-1] if scale != 1 else s) * scale)
+    except ValueError:
+        raise ValueError(f"--out-shard-size: {size!r} is not a size like 5B, 500M or 200K") from None
+
+
+def _warn(note: str) -> None:
+    warnings.warn(note, stacklevel=3)
+
+
+def run_config(config, out_path, *, cuda: bool = False, out_shard_size: str | int = "5B", copy_tokenizer: bool = True,
+               write_model_card: bool = True, force: bool = False, progress: bool = False,
+               notice: Callable[[str], None] = _warn):
+    """Run a mergekit config as ``mergekit-yaml CONFIG OUT_PATH`` would: a folder with the merged
+    weights (shards of ``out_shard_size``, mergekit's notation), the base's config and other
+    files (tokenizer included unless ``copy_tokenizer=False``), ``README.md`` (unless
+    ``write_model_card=False``) and the config as ``mergekit_config.yml``. Returns the
+    MergeReport; what the config asks that changes nothing here goes to ``notice``."""
+    from .io import folders
+    from .merging.files import merge_files
+
+    out = Path(out_path)
+    cfg = load(config)
+    if not folders.is_model_folder(cfg.base):
+        raise InputError("the base_model must be a model folder (config.json beside its weights), as "
+                         "mergekit-yaml's are", str(cfg.base))
+    if cfg.filter_wise:
+        _check_filter_wise(cfg)
+    for note in cfg.ignored:
+        notice(f"ignoring {note}")
+    shard_size = out_shard_size if isinstance(out_shard_size, int) else parse_kmb(out_shard_size)
+    extras = {"mergekit_config.yml": cfg.text.encode()}
+    if write_model_card:
+        extras["README.md"] = model_card(cfg, out).encode()
+    return merge_files(
+        cfg.base, cfg.finetuned, out, granularity="row" if cfg.filter_wise else "tensor", clamp=False,
+        out_dtype=cfg.out_dtype or cfg.dtype, shard_size=shard_size, force=force,
+        device="cuda" if cuda else "cpu", progress=progress,
+        skip_files=() if copy_tokenizer else TOKENIZER_FILES, extra_files=extras)
+
+
+def _check_filter_wise(cfg: ModelStockConfig) -> None:
+    """filter_wise reduces over the last dim in mergekit, over all but dim 0 here: the same for
+    the 1-D and 2-D tensors of transformer LMs, not for convolutions."""
+    from .io import open_checkpoint
+
+    with open_checkpoint(cfg.base) as ck:
+        for name, (_, shape) in ck.tensors().items():
+            if len(shape) > 2:
+                raise InputError(f"filter_wise on a {len(shape)}-D tensor: mergekit takes one ratio per "
+                                 "last-dim row, this package per output row (dim 0); only 1-D and 2-D "
+                                 "tensors agree", str(cfg.base), name)

@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import reference
-from .layer import checked_ratio, require_finite
-from .plan import InputError, Layer
-from .report import LayerStats
+from .. import reference
+from ..errors import InputError
+from ..layer import checked_ratio, require_finite
+from ..plan import Layer
+from ..report import LayerStats
+from . import LayerEntry
 
 
 def is_dtensor(t) -> bool:
@@ -85,18 +87,20 @@ class _Piece:
     counts: bool
 
 
-class ShardedMerge:
-    """The sharded layers of an InPlaceMerge: ``entries`` are (layer, [base, *finetuned],
-    target) with DTensors throughout, all on one mesh."""
+class ShardedLayers:
+    """The layer executor for DTensors (``modelstock/backends/__init__.py``): the entries'
+    tensors and targets are DTensors throughout, all on one mesh (a full base is sliced to
+    this rank's shard first: ``local_like``)."""
 
-    def __init__(self, entries, sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype):
+    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype):
         self.sources, self.eps, self.clamp, self.compute_dtype = sources, eps, clamp, compute_dtype
         self.pieces: list[_Piece] = []
-        meshes = {id(t.device_mesh): t.device_mesh for _, ts, out in entries for t in [*ts, out]}
+        meshes = {id(t.device_mesh): t.device_mesh for e in entries for t in [*e.tensors, e.out]}
         if len(meshes) > 1:
             raise InputError("the sharded parameters live on more than one device mesh")
         self.mesh = next(iter(meshes.values())) if meshes else None
-        for layer, tensors, out in entries:
+        for e in entries:
+            layer, tensors, out = e.layer, e.tensors, e.out
             placements = {tuple(t.placements) for t in [*tensors, out]}
             if len(placements) > 1:
                 raise InputError(f"is placed differently in the models ({sorted(map(str, placements))})", None,
@@ -108,8 +112,8 @@ class ShardedMerge:
                 row0, local_rows = 0, 1
             self.pieces.append(_Piece(layer, list(tensors), out, layer.rows, row0, local_rows, _counts_here(out)))
 
-    def __call__(self) -> dict[str, LayerStats]:
-        stats: dict[str, LayerStats] = {}
+    def __call__(self, stats: bool = True) -> dict[str, LayerStats]:
+        figures: dict[str, LayerStats] = {}
         merged = [p for p in self.pieces if p.layer.kind == "merge"]
         n = len(self.sources) - 1
         total_rows = sum(p.rows for p in merged)
@@ -134,7 +138,7 @@ class ShardedMerge:
             if p.layer.kind == "average":
                 require_finite(reference, flat[1:], self.sources[1:], p.layer.names[1:])
                 result = reference.merge_into(torch.empty_like(flat[0]), None, flat[1:])
-                stats[p.layer.name] = LayerStats(p.layer.name, list(p.layer.shape), p.layer.numel, "average")
+                figures[p.layer.name] = LayerStats(p.layer.name, list(p.layer.shape), p.layer.numel, "average")
             else:
                 r = checked_ratio(grams[start: start + p.rows], p.layer, flat, self.sources, reference, eps=self.eps,
                                   clamp=self.clamp, elsewhere="holds NaN or inf (in another rank's shard)")
@@ -142,6 +146,6 @@ class ShardedMerge:
                 t = r.t[p.row0: p.row0 + p.local_rows] if p.rows > 1 else r.t
                 result = reference.merge_into(torch.empty_like(flat[0]), flat[0], flat[1:], t) if flat[0].numel() \
                     else flat[0]
-                stats[p.layer.name] = LayerStats.from_ratio(p.layer.name, p.layer.shape, r)
+                figures[p.layer.name] = LayerStats.from_ratio(p.layer.name, p.layer.shape, r)
             out.copy_(result.view(out.shape))
-        return stats
+        return figures

@@ -1,48 +1,23 @@
 """``modelstock.merge``: Model Stock over state dicts (or modules) in memory, on torch."""
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import reference
-from . import sharded as sharded_mod
-from .layer import cast_output, check_copy, merge_layer
-from .plan import InputError, canonical_name, dtype_name, plan_layers
-from .ratio import EPS
-from .report import MergeReport
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def resolve_backend(backend: str, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> str:
-    """The one place where the fast path and the reference path are chosen: "auto" sends CUDA
-    tensors to the Triton kernels (fp32 arithmetic) and everything else to the reference."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    triton_ok = device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and compute_dtype == torch.float32 and _has_triton() else "torch"
-    if compute_dtype != torch.float32:
-        raise ValueError("backend='triton' computes in fp32; use backend='torch' for compute_dtype=torch.float64")
-    if not triton_ok:
-        raise ValueError("backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
-    return "triton"
+from ..backends import LayerEntry, resolve_backend
+from ..backends import sharded as sharded_backend
+from ..backends.torch_layers import CopyLayers, TorchLayers
+from ..dtypes import dtype_name
+from ..errors import InputError
+from ..plan import canonical_name, plan_layers
+from ..ratio import EPS
+from ..report import MergeReport
+from .options import MergeOptions
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _state_dict(m: Mapping[str, Tensor] | nn.Module, source: str) -> Mapping[str, Tensor]:
+def state_dict_of(m: Mapping[str, Tensor] | nn.Module, source: str) -> Mapping[str, Tensor]:
     if isinstance(m, nn.Module):
         return m.state_dict()
     if isinstance(m, Mapping):
@@ -80,8 +55,10 @@ def merge(
     """
     if isinstance(finetuned, (Mapping, nn.Module)):
         raise TypeError("finetuned must be a sequence of state dicts or modules")
-    base_sd = _state_dict(base, "base")
-    out = {k: torch.empty(v.shape, dtype=out_dtype if out_dtype is not None and v.is_floating_point() else v.dtype,
+    options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, dtype_name(compute_dtype))
+    out_type = None if options.out_dtype is None else getattr(torch, options.out_dtype)
+    base_sd = state_dict_of(base, "base")
+    out = {k: torch.empty(v.shape, dtype=out_type if out_type is not None and v.is_floating_point() else v.dtype,
                           device=v.device) for k, v in base_sd.items()}
     InPlaceMerge([out], base_sd, finetuned, granularity=granularity, clamp=clamp, exclude=exclude, eps=eps,
                  backend=backend, compute_dtype=compute_dtype)(report)
@@ -108,69 +85,59 @@ class InPlaceMerge:
                  compute_dtype: torch.dtype = torch.float32, sources: Sequence[str] | None = None):
         if isinstance(targets, (Mapping, nn.Module)) or isinstance(finetuned, (Mapping, nn.Module)):
             raise TypeError("targets and finetuned must be sequences of state dicts or modules")
-        if compute_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
-        self.compute_dtype = compute_dtype
+        options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend,
+                               compute_dtype=dtype_name(compute_dtype))
+        self.compute_dtype = options.torch_compute_dtype
         # how errors name the inputs (file merges pass the paths)
         self.sources = list(sources) if sources else ["base"] + [f"finetuned[{i}]" for i in range(len(finetuned))]
         self.granularity, self.clamp, self.eps = granularity, clamp, eps
-        sds = [_state_dict(m, s) for m, s in zip([base, *finetuned], self.sources)]
+        sds = [state_dict_of(m, s) for m, s in zip([base, *finetuned], self.sources)]
         self.layers = plan_layers([{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds],
                                   self.sources, granularity=granularity, exclude=exclude)
-        dest = [{canonical_name(k): v for k, v in _state_dict(m, f"targets[{i}]").items()}
+        dest = [{canonical_name(k): v for k, v in state_dict_of(m, f"targets[{i}]").items()}
                 for i, m in enumerate(targets)]
         device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
-        fast = resolve_backend(backend, device, compute_dtype) == "triton"
-        self._copy, self._torch, kernel, sharded = [], [], [], []
+        fast = resolve_backend(backend, device, options.compute_dtype) == "triton"
+        by_executor: dict[type, list[LayerEntry]] = {}
         for layer in self.layers:
             key = canonical_name(layer.name)
             for i, d in enumerate(dest):
                 if key not in d or tuple(d[key].shape) != layer.shape:
                     raise InputError("missing or of another shape than the base's", f"targets[{i}]", layer.name)
-            entry = (layer, [sd[name] for sd, name in zip(sds, layer.names)], dest[0][key])
-            if _sharded_entry(entry, [d[key] for d in dest], self.sources):
-                if layer.kind == "copy":
-                    raise InputError("is a sharded non-float tensor; Model Stock merges floating-point ones", None,
-                                     layer.name)
-                base = entry[1][0]
-                if not sharded_mod.is_dtensor(base):  # a full base: this rank keeps its own shard of it
-                    base = sharded_mod.local_like(base, entry[2])
-                sharded.append((layer, [base, *entry[1][1:]], entry[2]))
-            elif layer.kind == "copy":
-                self._copy.append(entry)
-            elif (fast and layer.kind == "merge" and entry[2].is_contiguous() and entry[2].is_floating_point()
-                  and all(t.device == entry[2].device for t in entry[1])):
-                kernel.append(entry)
-            else:
-                self._torch.append(entry)
-        self._kernel = None
-        if kernel:
-            from . import triton_merge
-
-            self._kernel = triton_merge.Prepared([e[0] for e in kernel], [e[1] for e in kernel], [e[2] for e in kernel])
-        self._sharded = sharded_mod.ShardedMerge(sharded, self.sources, eps=eps, clamp=clamp,
-                                                 compute_dtype=compute_dtype) if sharded else None
+            entry = LayerEntry(layer, [sd[name] for sd, name in zip(sds, layer.names)], dest[0][key])
+            by_executor.setdefault(self._executor(entry, [d[key] for d in dest], fast), []).append(entry)
+        # Order of the calls: copies, reference, sharded, kernels (the kernels' launches last,
+        # so their one host synchronisation follows every other layer's work).
+        order = {CopyLayers: 0, TorchLayers: 1, sharded_backend.ShardedLayers: 2}
+        self._executors = [cls(entries, self.sources, eps=eps, clamp=clamp, compute_dtype=self.compute_dtype)
+                           for cls, entries in sorted(by_executor.items(), key=lambda kv: order.get(kv[0], 3))]
         names = [canonical_name(layer.name) for layer in self.layers]
-        local = lambda t: t.to_local() if sharded_mod.is_dtensor(t) else t  # noqa: E731
+        local = lambda t: t.to_local() if sharded_backend.is_dtensor(t) else t  # noqa: E731
         self._mirrors = [([local(d[k]) for k in names], [local(dest[0][k]) for k in names]) for d in dest[1:]]
+
+    def _executor(self, entry: LayerEntry, targets: list, fast: bool) -> type:
+        """Which executor merges this layer (``modelstock/backends``); a sharded layer's full
+        base is sliced to this rank's shard here."""
+        if _sharded_entry(entry, targets, self.sources):
+            if entry.layer.kind == "copy":
+                raise InputError("is a sharded non-float tensor; Model Stock merges floating-point ones", None,
+                                 entry.layer.name)
+            if not sharded_backend.is_dtensor(entry.tensors[0]):  # a full base: keep this rank's shard of it
+                entry.tensors[0] = sharded_backend.local_like(entry.tensors[0], entry.out)
+            return sharded_backend.ShardedLayers
+        if entry.layer.kind == "copy":
+            return CopyLayers
+        if fast:
+            from ..backends import triton
+
+            if triton.takes(entry):
+                return triton.TritonLayers
+        return TorchLayers
 
     def __call__(self, report: MergeReport | None = None) -> None:
         stats: dict[str, object] = {}
-        for layer, tensors, out in self._copy:
-            stats[layer.name] = check_copy(layer, tensors, self.sources, reference)
-            out.copy_(tensors[0])
-        for layer, tensors, out in self._torch:
-            flat = [t.reshape(-1).to(device=out.device, dtype=self.compute_dtype) for t in tensors]
-            merged, stats[layer.name] = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), self.sources,
-                                                    reference, eps=self.eps, clamp=self.clamp)
-            out.copy_(cast_output(merged, dtype_name(out.dtype), stats[layer.name], reference).view(layer.shape))
-        if self._sharded is not None:
-            stats.update(self._sharded())
-        if self._kernel is not None:
-            from . import triton_merge
-
-            ks = triton_merge.run(self._kernel, self.sources, eps=self.eps, clamp=self.clamp, stats=report is not None)
-            stats.update((layer.name, st) for layer, st in zip(self._kernel.layers, ks))
+        for run in self._executors:
+            stats.update(run(report is not None))
         for dst, src in self._mirrors:
             torch._foreach_copy_(dst, src)
         if report is not None:
@@ -180,15 +147,14 @@ class InPlaceMerge:
             report.layers.extend(stats[layer.name] for layer in self.layers)
 
 
-def _sharded_entry(entry, targets, sources) -> bool:
+def _sharded_entry(entry: LayerEntry, targets, sources) -> bool:
     """Whether a layer's fine-tuned tensors and targets are DTensors (the base may be either:
     a full tensor is sliced to each rank's shard); a mix is an error."""
-    layer, tensors, _ = entry
-    kinds = [sharded_mod.is_dtensor(t) for t in [*tensors[1:], *targets]]
+    kinds = [sharded_backend.is_dtensor(t) for t in [*entry.tensors[1:], *targets]]
     if any(kinds) and not all(kinds):
         who = [s for s, k in zip([*sources[1:], *(f"targets[{i}]" for i in range(len(targets)))], kinds) if not k]
         raise InputError(f"is a DTensor in some models and a plain tensor in others ({', '.join(who)}): shard "
-                         "every model alike", None, layer.name)
+                         "every model alike", None, entry.layer.name)
     return bool(kinds) and all(kinds)
 
 

@@ -1,0 +1,42 @@
+"""Layer executors on the torch reference: non-float tensors copied, floating layers merged one
+at a time (CPU tensors, fp64 merges, layouts the kernels do not take)."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..dtypes import dtype_name
+from ..layer import cast_output, check_copy, merge_layer
+from . import LayerEntry
+
+
+class CopyLayers:
+    """Non-float tensors (int buffers, step counters): the base's, when all inputs agree."""
+
+    def __init__(self, entries: list[LayerEntry], sources, **_):
+        self.entries, self.sources = entries, sources
+
+    def __call__(self, stats: bool = True) -> dict:
+        result = {}
+        for e in self.entries:
+            result[e.layer.name] = check_copy(e.layer, e.tensors, self.sources, reference)
+            e.out.copy_(e.tensors[0])
+        return result
+
+
+class TorchLayers:
+    """Each layer on ``modelstock/reference.py``, in ``compute_dtype``, on the target's device."""
+
+    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype):
+        self.entries, self.sources = entries, sources
+        self.eps, self.clamp, self.compute_dtype = eps, clamp, compute_dtype
+
+    def __call__(self, stats: bool = True) -> dict:
+        result = {}
+        for e in self.entries:
+            layer, out = e.layer, e.out
+            flat = [t.reshape(-1).to(device=out.device, dtype=self.compute_dtype) for t in e.tensors]
+            merged, result[layer.name] = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), self.sources,
+                                                     reference, eps=self.eps, clamp=self.clamp)
+            out.copy_(cast_output(merged, dtype_name(out.dtype), result[layer.name], reference).view(layer.shape))
+        return result

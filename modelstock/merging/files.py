@@ -1,0 +1,205 @@
+"""``modelstock.merge_files``: a file-to-file merge that streams layer by layer.
+
+The inputs are opened through ``modelstock.io`` (any registered format); the output is a file
+(or shards) or, when the base is a Hugging Face model folder, a folder laid out like the base.
+The arithmetic runs in one of two pipelines: on numpy (``cpu_pipeline.py``, no torch needed)
+or on a GPU (``gpu_pipeline.py``). Where the output may go is ``io/outputs.py``'s to say.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..errors import require_two_finetuned
+from ..dtypes import nbytes
+from ..io import CheckpointWriter, folders, open_checkpoint, output_paths, remove_stale_temporaries
+from ..io.outputs import check_not_an_input, check_output_file
+from ..plan import plan_layers
+from ..ratio import EPS
+from ..report import MergeReport
+from . import cpu_pipeline
+from .options import MergeOptions
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from an int or a size such as "2GB", "500MiB", "5e9"."""
+    if size is None or isinstance(size, int):
+        return size
+    s = size.strip().upper().removesuffix("B")
+    units = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    for suffix in sorted(units, key=len, reverse=True):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * units[suffix])
+    return int(s)
+
+
+@dataclass(frozen=True)
+class _Output:
+    """Where and how the merged tensors are written."""
+    path: Path
+    shard_size: int | None
+    force: bool
+    durable: bool
+
+
+@dataclass(frozen=True)
+class _Pipeline:
+    """Which pipeline runs the arithmetic: ``device`` None is the numpy one."""
+    device: object = None
+    chunk_bytes: int = 0
+    progress: bool = False
+
+
+def merge_files(
+    base: str | os.PathLike,
+    finetuned: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    granularity: str = "tensor",
+    clamp: bool = True,
+    exclude: Sequence[str] = (),
+    eps: float = EPS,
+    backend: str = "auto",
+    out_dtype=None,
+    compute_dtype="float32",
+    shard_size: int | str | None = None,
+    force: bool = False,
+    durable: bool = False,
+    progress: bool = False,
+    device: str = "cpu",
+    chunk_size: int | str = "256MiB",
+    skip_files: Sequence[str] = (),
+    extra_files: Mapping[str, bytes] | None = None,
+) -> MergeReport:
+    """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
+
+    Inputs may be safetensors files, sharded safetensors (index or folder) or torch files; the
+    options are :func:`modelstock.merge`'s (dtypes as torch dtypes or names, "bfloat16").
+    The arithmetic runs on numpy (``modelstock/backends/numpy_ops.py``): torch is imported only
+    for torch-format files. ``shard_size`` (bytes, or "2GB") splits a safetensors output into
+    shards with an index. The output keeps the base's metadata and records the merge's.
+    When the base is a Hugging Face model folder (``config.json`` beside its weights), ``out``
+    is a folder laid out like the base's: ``model.safetensors`` (or shards of ``shard_size``,
+    default 50GB as transformers' ``save_pretrained``, with ``model.safetensors.index.json``)
+    and every other file of the base copied unchanged (but those named in ``skip_files``), so
+    ``from_pretrained(out)`` loads it; ``extra_files`` ({name: bytes}) are written there too.
+    Nothing is written unless the whole merge succeeds (files are renamed into place at the
+    end); ``durable`` also fsyncs them, so they survive a power cut.
+
+    ``device="cuda"`` (or "cuda:N") runs the arithmetic on that GPU (the Triton kernels, or
+    the torch reference with ``backend="torch"`` or ``compute_dtype="float64"``): layers go
+    in chunks of about ``chunk_size`` input bytes (or one layer, if larger) through pinned
+    host buffers and copy streams, so reading, copying, computing and writing overlap and
+    memory stays at two chunks on each side (see ``modelstock/merging/gpu_pipeline.py``).
+    """
+    start = time.perf_counter()
+    if isinstance(finetuned, (str, os.PathLike)):
+        raise TypeError("finetuned must be a sequence of paths")
+    require_two_finetuned(len(finetuned))
+    options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, compute_dtype)
+    pipeline = _pipeline(device, backend, chunk_size, progress)
+    # Before any input is opened: the output is none of them, holds none, lies in none.
+    check_not_an_input(out, [base, *finetuned])
+    inputs = []
+    try:
+        for path in [base, *finetuned]:
+            inputs.append(open_checkpoint(path))
+        # ... nor any file they name (an index's shards, symlinks followed).
+        check_not_an_input(out, [f for ck in inputs for f in ck.files()])
+        if folders.is_model_folder(base):
+            size = parse_size(shard_size if shard_size is not None else folders.DEFAULT_SHARD_SIZE)
+            output = _Output(Path(out), size, force, durable)
+            return _merge_into_folder(inputs, Path(base), output, options, pipeline, start, skip_files,
+                                      extra_files or {})
+        output = _Output(Path(out), parse_size(shard_size), force, durable)
+        return _merge_open(inputs, output, options, pipeline, start)
+    finally:
+        for ck in inputs:
+            ck.close()
+
+
+def _pipeline(device: str, backend: str, chunk_size, progress: bool) -> _Pipeline:
+    if device != "cpu" and not str(device).startswith("cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if backend == "triton" and device == "cpu":
+        raise ValueError("backend='triton' merges files on a GPU: pass device='cuda' (the CPU merge runs on numpy)")
+    chunk_bytes = parse_size(chunk_size)
+    if not chunk_bytes or chunk_bytes <= 0:
+        raise ValueError(f"chunk_size must be a positive size, got {chunk_size!r}")
+    if device == "cpu":
+        return _Pipeline(None, chunk_bytes, progress)
+    from .gpu_pipeline import check_device
+
+    return _Pipeline(check_device(device), chunk_bytes, progress)
+
+
+def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float,
+                       skip_files, extra_files: Mapping[str, bytes]) -> MergeReport:
+    """The base is a model folder: the output is a folder laid out like it (``io/folders.py``)."""
+    out = output.path
+    companions = [p for p in folders.companion_files(base) if p.name not in set(skip_files)]
+    created = folders.prepare(out, companions, output.force, extra_names=extra_files)
+    try:
+        weights = _Output(out / folders.WEIGHTS_NAME, output.shard_size, output.force, output.durable)
+        report = _merge_open(inputs, weights, options, pipeline, start)
+        copied = folders.copy_companions(companions, out, output.durable)
+        copied += folders.write_files(out, extra_files, output.durable)
+    except BaseException:
+        if created:  # nothing of ours is left in it (each file is written atomically)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    written = [Path(p) for p in report.output]
+    folders.remove_old_weights(out, written)
+    report.output = [str(p) for p in written + copied]
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float) -> MergeReport:
+    out = output.path
+    sources = [ck.path for ck in inputs]
+    layers = plan_layers([ck.tensors() for ck in inputs], sources, granularity=options.granularity,
+                         exclude=options.exclude)
+    entries = [(layer.name, layer.dtypes[0] if layer.kind == "copy" else (options.out_dtype or layer.dtypes[0]),
+                layer.shape) for layer in layers]
+    input_files = [f for ck in inputs for f in ck.files()]
+    for p in output_paths(out, entries, output.shard_size):
+        check_output_file(p, input_files, output.force)
+    remove_stale_temporaries(out)
+
+    n = len(inputs) - 1
+    report = MergeReport(n=n, granularity=options.granularity, clamp=options.clamp, eps=options.eps, inputs=sources)
+    metadata = dict(inputs[0].metadata)
+    metadata["modelstock"] = json.dumps({
+        "method": "model_stock", "n": n, "granularity": options.granularity, "clamp": options.clamp,
+        "eps": options.eps, "exclude": list(options.exclude), "base": os.path.basename(sources[0]),
+        "finetuned": [os.path.basename(s) for s in sources[1:]]})
+
+    report.bytes_read = sum(layer.nbytes_in for layer in layers)
+    report.bytes_written = sum(nbytes(d, s) for _, d, s in entries)
+    bar = None
+    if pipeline.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=report.bytes_read, unit="B", unit_scale=True, desc="merging", leave=False)
+    try:
+        with CheckpointWriter(out, entries, metadata, output.shard_size, output.durable) as writer:
+            with cpu_pipeline.Writer(writer) as write:
+                if pipeline.device is None:
+                    cpu_pipeline.stream(inputs, layers, entries, write, report, bar, options)
+                else:
+                    from . import gpu_pipeline
+
+                    gpu_pipeline.stream(inputs, layers, entries, write, report, bar, options, device=pipeline.device,
+                                        chunk_bytes=pipeline.chunk_bytes)
+            report.output = [str(p) for p in writer.commit()]
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
