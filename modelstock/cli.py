@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="the authors' exact formula: cos clamped to [-1, 1], so t may leave [0, 1]")
     m.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensors matching GLOB get the plain average of the fine-tuned models (repeatable)")
+    m.add_argument("--int-tensors", choices=("max", "base", "refuse"), default="max",
+                   help="non-float tensors that differ between the models (BatchNorm's num_batches_tracked "
+                   "after any fine-tune in train mode): the largest value (default), the base's, or an error")
+    m.add_argument("--missing", choices=("refuse", "base"), default="refuse",
+                   help="a tensor some fine-tuned models lack: an error (default), or the base's, as mergekit "
+                   "does (one the base lacks is then left out)")
     m.add_argument("--dtype", choices=DTYPE_CHOICES, metavar="{fp32,fp16,bf16}",
                    help="output dtype, also as float32, float16, bfloat16 (default: the base's, per tensor)")
     m.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N}",
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         report = merge_files(
             args.checkpoints[0], args.checkpoints[1:], args.output,
             granularity=args.granularity, clamp=not args.no_clamp, exclude=args.exclude,
-            out_dtype=args.dtype,
+            out_dtype=args.dtype, int_tensors=args.int_tensors, missing=args.missing,
             shard_size=args.shard_size, force=args.force, durable=args.fsync, device=args.device,
             chunk_size=args.chunk_size, progress=not args.quiet and sys.stderr.isatty())
     except ValueError as e:  # a bad input (InputError) or option value (shard size, granularity)

@@ -69,13 +69,27 @@ def check_extrapolation(result, stats: LayerStats, ops, dtype: str | None = None
                          f"{dtype or result.dtype}", None, stats.name)
 
 
-def check_copy(layer: Layer, arrays: Sequence, sources: Sequence[str], ops) -> LayerStats:
-    """Non-float tensors (int buffers, step counters) are kept from the base if all agree."""
-    for a, name, source in zip(arrays[1:], layer.names[1:], sources[1:]):
-        if not ops.equal(arrays[0], a):
-            raise InputError("non-float tensor differs from the base's (Model Stock only merges "
-                             "floating-point tensors)", source, name)
-    return LayerStats(layer.name, list(layer.shape), layer.numel, "copy")
+# What a merge does with a non-float tensor (int buffer, step counter) that differs between the
+# models: "max", the largest value (elementwise; for a step counter such as BatchNorm's
+# num_batches_tracked, which every fine-tune advances, the most-trained count); "base", the
+# base's; "refuse", an error naming it.
+INT_POLICIES = ("max", "base", "refuse")
+
+
+def check_copy(layer: Layer, arrays: Sequence, sources: Sequence[str], ops, policy: str = "max"):
+    """A non-float tensor (or one only the base has): the base's when all inputs agree, else
+    chosen by ``policy`` (INT_POLICIES). Returns the value and the layer's figures."""
+    stats = LayerStats(layer.name, list(layer.shape), layer.numel, layer.kind)
+    differ = [(a, name, source) for a, name, source in zip(arrays[1:], layer.names[1:], sources[1:])
+              if not ops.equal(arrays[0], a)]
+    if not differ:
+        return arrays[0], stats
+    if policy == "refuse":
+        _, name, source = differ[0]
+        raise InputError("non-float tensor differs from the base's (Model Stock only merges floating-point "
+                         "tensors; int_tensors='max' or 'base' takes one)", source, name)
+    stats.differs = True
+    return (ops.maximum(arrays) if policy == "max" else arrays[0]), stats
 
 
 def require_finite(ops, arrays: Sequence, sources: Sequence[str], names: Sequence[str]) -> None:

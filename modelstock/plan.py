@@ -14,6 +14,9 @@ from .dtypes import FLOATS, ITEMSIZE, nbytes
 from .errors import InputError, require_two_finetuned
 from .ratio import layer_rows
 
+# What a merge does with a tensor some models lack: refuse (one line naming it), or take the
+# base's (mergekit's choice; a tensor the base lacks is then left out).
+MISSING = ("refuse", "base")
 # Wrappers that training code puts in front of every name: DistributedDataParallel's
 # `module.` and torch.compile's `_orig_mod.`. open_clip's own checkpoints carry `module.`.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -25,8 +28,18 @@ class Layer:
     names: tuple[str, ...]           # the name in each input, base first
     shape: tuple[int, ...]
     dtypes: tuple[str, ...]          # the storage dtype's name in each input, base first
-    kind: str                        # "merge" | "average" (excluded) | "copy" (non-float)
+    kind: str                        # "merge" | "average" (excluded) | "copy" (non-float) |
+                                     # "base" (missing in some fine-tuned model: the base's)
     rows: int                        # ratios in this layer (1 unless granularity "row")
+
+    def out_dtype(self, out_dtype: str | None) -> str:
+        """The dtype the layer is written in: ``out_dtype`` (if any) for floating tensors."""
+        return out_dtype if out_dtype and self.dtypes[0] in FLOATS else self.dtypes[0]
+
+    @property
+    def copied(self) -> bool:
+        """Not computed: copied from the inputs (``names`` may then hold the base's alone)."""
+        return self.kind in ("copy", "base")
 
     @property
     def numel(self) -> int:
@@ -64,26 +77,39 @@ def plan_layers(
     *,
     granularity: str = "tensor",
     exclude: Sequence[str] = (),
+    missing: str = "refuse",
 ) -> list[Layer]:
     """Match the inputs' tensors to the base's (in the base's order) and decide each one's fate.
 
     ``metas[0]`` is the base, the rest the fine-tuned models; each maps name -> (dtype name,
     shape).
-    Raises InputError naming the input and tensor for a missing or extra tensor, a shape
-    mismatch, or a floating tensor stored as an integer elsewhere.
+    Raises InputError naming the input and tensor for a shape mismatch or a floating tensor
+    stored as an integer elsewhere, and for a tensor missing in some models (``missing=
+    "refuse"``); with ``missing="base"`` (mergekit's choice) such a tensor is the base's, and
+    one the base lacks is left out (``dropped_tensors`` names them).
     """
     require_two_finetuned(len(metas) - 1)
     layer_rows((1,), granularity)  # validates the granularity before anything else
+    if missing not in MISSING:
+        raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
     maps = [_canonical_map(m, s) for m, s in zip(metas, sources)]
     base_keys = maps[0]
-    for m, source in zip(maps[1:], sources[1:]):
-        for key in base_keys.keys() - m.keys():
-            raise InputError("missing (the base has it)", source, base_keys[key])
-        for key in m.keys() - base_keys.keys():
-            raise InputError("not in the base checkpoint", source, m[key])
+    if missing == "refuse":
+        for m, source in zip(maps[1:], sources[1:]):
+            for key in base_keys.keys() - m.keys():
+                raise InputError("missing (the base has it; --missing base / missing='base' takes the base's)", source,
+                                 base_keys[key])
+            for key in m.keys() - base_keys.keys():
+                raise InputError("not in the base checkpoint (--missing base / missing='base' leaves it out)", source, m[key])
 
     layers = []
     for key, name in base_keys.items():
+        if any(key not in m for m in maps[1:]):
+            dtype, shape = metas[0][name]
+            if dtype not in ITEMSIZE:
+                raise InputError(f"dtype {dtype} is not supported", sources[0], name)
+            layers.append(Layer(name, (name,), tuple(int(x) for x in shape), (dtype,), "base", 1))
+            continue
         names = tuple(m[key] for m in maps)
         entries = [meta[n] for meta, n in zip(metas, names)]
         shape = tuple(int(s) for s in entries[0][1])
@@ -104,3 +130,11 @@ def plan_layers(
         rows = layer_rows(shape, granularity) if kind == "merge" else 1
         layers.append(Layer(name, names, shape, dtypes, kind, rows))
     return layers
+
+
+def dropped_tensors(metas: Sequence[Mapping[str, tuple]], sources: Sequence[str]) -> list[str]:
+    """``"source: name"`` of each fine-tuned tensor the base lacks (left out with
+    ``missing="base"``)."""
+    base_keys = {canonical_name(n) for n in metas[0]}
+    return [f"{source}: {name}" for meta, source in zip(metas[1:], sources[1:]) for name in meta
+            if canonical_name(name) not in base_keys]

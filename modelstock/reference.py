@@ -13,7 +13,7 @@ floating dtype (the compute dtype). With ``rows > 1`` (granularity ``row``) ever
 
 ``modelstock/backends/numpy_ops.py`` is the same math on numpy arrays for the torch-free file merge;
 the tests hold the two to each other and to an fp64 formula. Both provide the names
-``gram, merge_into, all_finite, cast, widen, equal`` that ``modelstock/layer.py`` calls.
+``gram, merge_into, all_finite, cast, widen, equal, maximum`` that ``modelstock/layer.py`` calls.
 """
 from __future__ import annotations
 
@@ -99,6 +99,14 @@ def cast(x: Tensor, dtype: str, out: Tensor | None = None) -> Tensor:
 def widen(x: Tensor, dtype: str) -> Tensor:
     """A tensor stored as ``dtype`` in fp32 (the inverse of ``cast``)."""
     return x.float()
+
+
+def maximum(arrays: Sequence[Tensor]) -> Tensor:
+    """The elementwise largest of same-shaped tensors, in the first one's dtype and device."""
+    out = arrays[0].clone()
+    for a in arrays[1:]:
+        torch.maximum(out, a.to(device=out.device, dtype=out.dtype), out=out)
+    return out
 
 
 def equal(a: Tensor, b: Tensor) -> bool:

@@ -16,7 +16,7 @@ class LayerStats:
     name: str
     shape: list[int]
     numel: int
-    kind: str                    # "merge" | "average" (excluded) | "copy" (non-float)
+    kind: str                    # "merge" | "average" (excluded) | "copy" (non-float) | "base" (missing elsewhere)
     rows: int = 1                # ratios in this layer (granularity "row": one per row)
     norms: list[float] = field(default_factory=list)      # ||d_i|| over the whole tensor
     cos_pairs: list[float] = field(default_factory=list)  # cos_ij, i < j (mean over rows)
@@ -27,6 +27,7 @@ class LayerStats:
     t_max: float | None = None
     clamped: bool = False        # the [0, 1] clamp changed t (in any row)
     rows_clamped: int = 0
+    differs: bool = False        # a non-float tensor that differed between the models (int_tensors policy)
 
     @classmethod
     def from_ratio(cls, name: str, shape, r: Ratio) -> "LayerStats":
@@ -56,6 +57,9 @@ class MergeReport:
     seconds: float = 0.0
     bytes_read: int = 0
     bytes_written: int = 0
+    int_tensors: str = "max"     # the policy for non-float tensors that differ (layer.INT_POLICIES)
+    missing: str = "refuse"      # what was done with tensors some models lack (plan.MISSING)
+    dropped: list[str] = field(default_factory=list)  # "source: name" of tensors the base lacks, left out
 
     # --- summaries -------------------------------------------------------------------------
     def merged_layers(self) -> list[LayerStats]:
@@ -70,6 +74,10 @@ class MergeReport:
         return [layer.name for layer in self.layers if layer.clamped]
 
     @property
+    def differing_int_tensors(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.differs]
+
+    @property
     def mean_angle_deg(self) -> float | None:
         """Mean angle between the fine-tuned deltas, weighted by each layer's size."""
         merged = self.merged_layers()
@@ -77,18 +85,23 @@ class MergeReport:
         return sum(m.angle_deg * m.numel for m in merged) / total if total else None
 
     def summary(self) -> str:
-        kinds = {k: sum(1 for layer in self.layers if layer.kind == k) for k in ("merge", "average", "copy")}
+        kinds = {k: sum(1 for layer in self.layers if layer.kind == k) for k in ("merge", "average", "copy", "base")}
         angle = self.mean_angle_deg
         moved = self.bytes_read + self.bytes_written
+        differ = self.differing_int_tensors
+        how = {"max": "given the largest value", "base": "given the base's"}.get(self.int_tensors, "")
         parts = [
             f"Merged {self.n} fine-tuned checkpoints into {', '.join(self.output) or 'memory'}: "
             f"{len(self.layers)} tensors ({self.parameters:,} values); "
             f"{kinds['merge']} merged ({self.granularity} granularity), {kinds['average']} excluded "
             f"(plain average), {kinds['copy']} non-float copied from the base.",
+            f"{len(differ)} non-float tensor(s) differed between the models, {how}: {_first(differ)}."
+            if differ else "",
+            f"{kinds['base']} tensor(s) missing in some fine-tuned models taken from the base." if kinds["base"] else "",
+            f"{len(self.dropped)} tensor(s) the base lacks left out: {_first(self.dropped)}." if self.dropped else "",
             f"Mean angle between fine-tuned updates {angle:.2f} deg." if angle is not None else "",
             f"The [0, 1] clamp acted on {len(self.clamped_layers)} layer(s)"
-            + (f": {', '.join(self.clamped_layers[:5])}{' ...' if len(self.clamped_layers) > 5 else ''}."
-               if self.clamped_layers else "."),
+            + (f": {_first(self.clamped_layers)}." if self.clamped_layers else "."),
             f"{self.seconds:.2f} s, {moved / 1e9:.2f} GB read and written"
             + (f" ({moved / 1e9 / self.seconds:.2f} GB/s)." if self.seconds > 0 else "."),
         ]
@@ -98,7 +111,7 @@ class MergeReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(method="model_stock", parameters=self.parameters, mean_angle_deg=self.mean_angle_deg,
-                 clamped_layers=self.clamped_layers)
+                 clamped_layers=self.clamped_layers, differing_int_tensors=self.differing_int_tensors)
         return d
 
     def write_json(self, path: str | os.PathLike) -> None:
@@ -143,3 +156,7 @@ class MergeReport:
         fig.savefig(tmp, dpi=120)
         plt.close(fig)
         os.replace(tmp, path)
+
+
+def _first(names: list[str], count: int = 5) -> str:
+    return ", ".join(names[:count]) + (" ..." if len(names) > count else "")

@@ -139,15 +139,17 @@ def test_exclude_gets_plain_average():
     assert kinds["proj.weight"] == "average" and kinds["conv.weight"] == "merge"
 
 
-def test_non_float_buffers_copied_or_refused():
+def test_non_float_buffers_copied_or_chosen_by_policy():
     base, fts = make_models(2)
     for sd in [base, *fts]:
         sd["bn.num_batches_tracked"] = torch.tensor(7)
     out = modelstock.merge(base, fts)
     assert out["bn.num_batches_tracked"].dtype == torch.int64 and int(out["bn.num_batches_tracked"]) == 7
     fts[1]["bn.num_batches_tracked"] = torch.tensor(8)
+    assert int(modelstock.merge(base, fts)["bn.num_batches_tracked"]) == 8  # the largest, by default
+    assert int(modelstock.merge(base, fts, int_tensors="base")["bn.num_batches_tracked"]) == 7
     with pytest.raises(InputError) as e:
-        modelstock.merge(base, fts)
+        modelstock.merge(base, fts, int_tensors="refuse")
     assert e.value.source == "finetuned[1]" and e.value.tensor == "bn.num_batches_tracked"
 
 

@@ -1,7 +1,7 @@
 """Where the merge's arithmetic runs. Two contracts:
 
 **Per-layer math** (``modelstock/layer.py`` calls it as ``ops``): ``gram``, ``merge_into``,
-``all_finite``, ``cast``, ``widen``, ``equal`` (optionally ``merge_from_mean_delta``), over flat
+``all_finite``, ``cast``, ``widen``, ``equal``, ``maximum`` (optionally ``merge_from_mean_delta``), over flat
 arrays of the compute dtype. ``modelstock/reference.py`` is it on torch tensors (the spec made
 executable); ``numpy_ops.py`` is the same math on numpy arrays for the torch-free file merge.
 

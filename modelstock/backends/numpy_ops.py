@@ -193,6 +193,14 @@ def equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
 
 
+def maximum(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The elementwise largest of same-shaped arrays, in the first one's dtype."""
+    out = np.array(arrays[0], copy=True)
+    for a in arrays[1:]:
+        np.maximum(out, a.astype(out.dtype, copy=False), out=out)
+    return out
+
+
 def widen(x: np.ndarray, dtype: str) -> np.ndarray:
     """An array stored as ``dtype`` (bfloat16 as bits) in fp32 (the inverse of ``cast``)."""
     return to_float(x, dtype, np.empty(x.shape, dtype=np.float32))

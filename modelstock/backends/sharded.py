@@ -92,7 +92,8 @@ class ShardedLayers:
     tensors and targets are DTensors throughout, all on one mesh (a full base is sliced to
     this rank's shard first: ``local_like``)."""
 
-    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype):
+    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype,
+                 **_):
         self.sources, self.eps, self.clamp, self.compute_dtype = sources, eps, clamp, compute_dtype
         self.pieces: list[_Piece] = []
         meshes = {id(t.device_mesh): t.device_mesh for e in entries for t in [*e.tensors, e.out]}
@@ -135,6 +136,10 @@ class ShardedLayers:
             local = [t.to_local() for t in p.tensors]
             out = p.out.to_local()
             flat = [t.reshape(-1).to(self.compute_dtype) for t in local]
+            if p.layer.kind == "base":  # missing in some fine-tuned model: the base's shard
+                out.copy_(local[0])
+                figures[p.layer.name] = LayerStats(p.layer.name, list(p.layer.shape), p.layer.numel, "base")
+                continue
             if p.layer.kind == "average":
                 require_finite(reference, flat[1:], self.sources[1:], p.layer.names[1:])
                 result = reference.merge_into(torch.empty_like(flat[0]), None, flat[1:])

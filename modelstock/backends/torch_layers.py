@@ -11,23 +11,25 @@ from . import LayerEntry
 
 
 class CopyLayers:
-    """Non-float tensors (int buffers, step counters): the base's, when all inputs agree."""
+    """Non-float tensors (int buffers, step counters): the base's when all inputs agree, else as
+    the ``int_tensors`` policy says; and tensors only the base has (``missing="base"``)."""
 
-    def __init__(self, entries: list[LayerEntry], sources, **_):
-        self.entries, self.sources = entries, sources
+    def __init__(self, entries: list[LayerEntry], sources, *, int_tensors: str = "max", **_):
+        self.entries, self.sources, self.policy = entries, sources, int_tensors
 
     def __call__(self, stats: bool = True) -> dict:
         result = {}
         for e in self.entries:
-            result[e.layer.name] = check_copy(e.layer, e.tensors, self.sources, reference)
-            e.out.copy_(e.tensors[0])
+            value, result[e.layer.name] = check_copy(e.layer, e.tensors, self.sources, reference, self.policy)
+            e.out.copy_(value)
         return result
 
 
 class TorchLayers:
     """Each layer on ``modelstock/reference.py``, in ``compute_dtype``, on the target's device."""
 
-    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype):
+    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype,
+                 **_):
         self.entries, self.sources = entries, sources
         self.eps, self.clamp, self.compute_dtype = eps, clamp, compute_dtype
 

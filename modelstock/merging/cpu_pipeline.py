@@ -104,9 +104,9 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     writer writes; appends each layer's figures to ``report`` in order."""
     sources = report.inputs
     eps, clamp, compute_dtype = options.eps, options.clamp, options.compute_dtype
-    floats = [layer for layer in layers if layer.kind != "copy"]
+    floats = [layer for layer in layers if not layer.copied]
     buffer_elems = {layer.name: _buffer_elems(layer, dtype, compute_dtype)
-                    for layer, (_, dtype, _) in zip(layers, entries) if layer.kind != "copy"}
+                    for layer, (_, dtype, _) in zip(layers, entries) if not layer.copied}
     itemsize = np.dtype(NUMPY_DTYPES[compute_dtype]).itemsize
     ring = _Ring(min(sum(buffer_elems.values()), max(buffer_elems.values(), default=0) + _READ_AHEAD_BYTES // itemsize),
                  compute_dtype)
@@ -120,9 +120,11 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
             item = ready.get()
             if isinstance(item, BaseException):
                 raise item
-            if layer.kind == "copy":
-                stats = check_copy(layer, item, sources, numpy_ops)
-                write(layer.name, item[0])
+            if layer.copied:
+                value, stats = check_copy(layer, item, sources, numpy_ops, options.int_tensors)
+                if dtype != layer.dtypes[0]:  # a float the base alone has, written in the output dtype
+                    value = numpy_ops.cast(numpy_ops.widen(value, layer.dtypes[0]), dtype)
+                write(layer.name, value)
             else:
                 (w0, *ws), region = item
                 out_buf = region[: layer.numel]
@@ -218,7 +220,7 @@ def _read_layers(inputs, layers: list[Layer], buffer_elems: dict[str, int], ring
     An error is handed over in place of the layer."""
     try:
         for layer in layers:
-            if layer.kind == "copy":
+            if layer.copied:
                 ready.put([ck.read(name) for ck, name in zip(inputs, layer.names)])
                 continue
             if not mapped.acquire(layer.nbytes_in):

@@ -19,7 +19,7 @@ from ..errors import require_two_finetuned
 from ..dtypes import nbytes
 from ..io import CheckpointWriter, folders, open_checkpoint, output_paths, remove_stale_temporaries
 from ..io.outputs import check_not_an_input, check_output_file
-from ..plan import plan_layers
+from ..plan import dropped_tensors, plan_layers
 from ..ratio import EPS
 from ..report import MergeReport
 from . import cpu_pipeline
@@ -73,6 +73,8 @@ def merge_files(
     progress: bool = False,
     device: str = "cpu",
     chunk_size: int | str = "256MiB",
+    int_tensors: str = "max",
+    missing: str = "refuse",
     skip_files: Sequence[str] = (),
     extra_files: Mapping[str, bytes] | None = None,
 ) -> MergeReport:
@@ -88,6 +90,7 @@ def merge_files(
     default 50GB as transformers' ``save_pretrained``, with ``model.safetensors.index.json``)
     and every other file of the base copied unchanged (but those named in ``skip_files``), so
     ``from_pretrained(out)`` loads it; ``extra_files`` ({name: bytes}) are written there too.
+    ``int_tensors`` and ``missing``: as :func:`modelstock.merge`'s.
     Nothing is written unless the whole merge succeeds (files are renamed into place at the
     end); ``durable`` also fsyncs them, so they survive a power cut.
 
@@ -101,7 +104,8 @@ def merge_files(
     if isinstance(finetuned, (str, os.PathLike)):
         raise TypeError("finetuned must be a sequence of paths")
     require_two_finetuned(len(finetuned))
-    options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, compute_dtype)
+    options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, compute_dtype, int_tensors,
+                           missing)
     pipeline = _pipeline(device, backend, chunk_size, progress)
     # Before any input is opened: the output is none of them, holds none, lies in none.
     check_not_an_input(out, [base, *finetuned])
@@ -163,17 +167,19 @@ def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOption
 def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float) -> MergeReport:
     out = output.path
     sources = [ck.path for ck in inputs]
-    layers = plan_layers([ck.tensors() for ck in inputs], sources, granularity=options.granularity,
-                         exclude=options.exclude)
-    entries = [(layer.name, layer.dtypes[0] if layer.kind == "copy" else (options.out_dtype or layer.dtypes[0]),
-                layer.shape) for layer in layers]
+    metas = [ck.tensors() for ck in inputs]
+    layers = plan_layers(metas, sources, granularity=options.granularity, exclude=options.exclude,
+                         missing=options.missing)
+    entries = [(layer.name, layer.out_dtype(options.out_dtype), layer.shape) for layer in layers]
     input_files = [f for ck in inputs for f in ck.files()]
     for p in output_paths(out, entries, output.shard_size):
         check_output_file(p, input_files, output.force)
     remove_stale_temporaries(out)
 
     n = len(inputs) - 1
-    report = MergeReport(n=n, granularity=options.granularity, clamp=options.clamp, eps=options.eps, inputs=sources)
+    report = MergeReport(n=n, granularity=options.granularity, clamp=options.clamp, eps=options.eps, inputs=sources,
+                         int_tensors=options.int_tensors, missing=options.missing,
+                         dropped=dropped_tensors(metas, sources))
     metadata = dict(inputs[0].metadata)
     metadata["modelstock"] = json.dumps({
         "method": "model_stock", "n": n, "granularity": options.granularity, "clamp": options.clamp,

@@ -132,7 +132,8 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     reader = threading.Thread(target=_read_chunks, args=(inputs, layers, chunks, host_in, free_in, ready), daemon=True)
     reader.start()
     merge_options = dict(granularity=options.granularity, exclude=options.exclude, eps=options.eps,
-                         clamp=options.clamp, backend=options.backend, compute_dtype=options.torch_compute_dtype)
+                         clamp=options.clamp, backend=options.backend, compute_dtype=options.torch_compute_dtype,
+                         int_tensors=options.int_tensors, missing=options.missing)
     try:
         for k, chunk in enumerate(chunks):
             s = k % 2

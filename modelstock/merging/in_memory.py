@@ -11,7 +11,7 @@ from ..backends import sharded as sharded_backend
 from ..backends.torch_layers import CopyLayers, TorchLayers
 from ..dtypes import dtype_name
 from ..errors import InputError
-from ..plan import canonical_name, plan_layers
+from ..plan import canonical_name, dropped_tensors, plan_layers
 from ..ratio import EPS
 from ..report import MergeReport
 from .options import MergeOptions
@@ -39,6 +39,8 @@ def merge(
     backend: str = "auto",
     out_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    int_tensors: str = "max",
+    missing: str = "refuse",
     report: MergeReport | None = None,
 ) -> dict[str, Tensor]:
     """Model Stock: merge N >= 2 fine-tuned models with their pre-trained base, layer by layer.
@@ -51,17 +53,23 @@ def merge(
     ``granularity``: "tensor" (one ratio per tensor, as the paper) or "row" (one per slice
     along dim 0). ``clamp``: keep cos in [0, 1] (t in [0, 1]); False is the authors' formula.
     ``exclude``: glob patterns of names that get the plain average of the fine-tuned models.
+    ``int_tensors``: non-float tensors that differ between the models (BatchNorm's
+    ``num_batches_tracked`` after any fine-tune in train mode) get the largest value ("max"),
+    the base's ("base"), or are an error ("refuse"). ``missing``: a tensor some fine-tuned
+    model lacks is an error ("refuse") or the base's ("base"; one only fine-tuned models have
+    is then left out, as mergekit does).
     ``report``: a MergeReport to fill with each layer's figures.
     """
     if isinstance(finetuned, (Mapping, nn.Module)):
         raise TypeError("finetuned must be a sequence of state dicts or modules")
-    options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, dtype_name(compute_dtype))
+    options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, dtype_name(compute_dtype),
+                           int_tensors, missing)
     out_type = None if options.out_dtype is None else getattr(torch, options.out_dtype)
     base_sd = state_dict_of(base, "base")
     out = {k: torch.empty(v.shape, dtype=out_type if out_type is not None and v.is_floating_point() else v.dtype,
                           device=v.device) for k, v in base_sd.items()}
     InPlaceMerge([out], base_sd, finetuned, granularity=granularity, clamp=clamp, exclude=exclude, eps=eps,
-                 backend=backend, compute_dtype=compute_dtype)(report)
+                 backend=backend, compute_dtype=compute_dtype, int_tensors=int_tensors, missing=missing)(report)
     return out
 
 
@@ -82,18 +90,21 @@ class InPlaceMerge:
 
     def __init__(self, targets, base, finetuned, *, granularity: str = "tensor", clamp: bool = True,
                  exclude: Sequence[str] = (), eps: float = EPS, backend: str = "auto",
-                 compute_dtype: torch.dtype = torch.float32, sources: Sequence[str] | None = None):
+                 compute_dtype: torch.dtype = torch.float32, int_tensors: str = "max", missing: str = "refuse",
+                 sources: Sequence[str] | None = None):
         if isinstance(targets, (Mapping, nn.Module)) or isinstance(finetuned, (Mapping, nn.Module)):
             raise TypeError("targets and finetuned must be sequences of state dicts or modules")
         options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend,
-                               compute_dtype=dtype_name(compute_dtype))
+                               compute_dtype=dtype_name(compute_dtype), int_tensors=int_tensors, missing=missing)
+        self.options = options
         self.compute_dtype = options.torch_compute_dtype
         # how errors name the inputs (file merges pass the paths)
         self.sources = list(sources) if sources else ["base"] + [f"finetuned[{i}]" for i in range(len(finetuned))]
         self.granularity, self.clamp, self.eps = granularity, clamp, eps
         sds = [state_dict_of(m, s) for m, s in zip([base, *finetuned], self.sources)]
-        self.layers = plan_layers([{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds],
-                                  self.sources, granularity=granularity, exclude=exclude)
+        metas = [{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds]
+        self.layers = plan_layers(metas, self.sources, granularity=granularity, exclude=exclude, missing=missing)
+        self.dropped = dropped_tensors(metas, self.sources)
         dest = [{canonical_name(k): v for k, v in state_dict_of(m, f"targets[{i}]").items()}
                 for i, m in enumerate(targets)]
         device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
@@ -109,7 +120,8 @@ class InPlaceMerge:
         # Order of the calls: copies, reference, sharded, kernels (the kernels' launches last,
         # so their one host synchronisation follows every other layer's work).
         order = {CopyLayers: 0, TorchLayers: 1, sharded_backend.ShardedLayers: 2}
-        self._executors = [cls(entries, self.sources, eps=eps, clamp=clamp, compute_dtype=self.compute_dtype)
+        self._executors = [cls(entries, self.sources, eps=eps, clamp=clamp, compute_dtype=self.compute_dtype,
+                               int_tensors=int_tensors)
                            for cls, entries in sorted(by_executor.items(), key=lambda kv: order.get(kv[0], 3))]
         names = [canonical_name(layer.name) for layer in self.layers]
         local = lambda t: t.to_local() if sharded_backend.is_dtensor(t) else t  # noqa: E731
@@ -125,7 +137,7 @@ class InPlaceMerge:
             if not sharded_backend.is_dtensor(entry.tensors[0]):  # a full base: keep this rank's shard of it
                 entry.tensors[0] = sharded_backend.local_like(entry.tensors[0], entry.out)
             return sharded_backend.ShardedLayers
-        if entry.layer.kind == "copy":
+        if entry.layer.copied:
             return CopyLayers
         if fast:
             from ..backends import triton
@@ -144,6 +156,8 @@ class InPlaceMerge:
             report.n, report.granularity, report.clamp, report.eps = (len(self.sources) - 1, self.granularity,
                                                                        self.clamp, self.eps)
             report.inputs = self.sources
+            report.int_tensors, report.missing, report.dropped = self.options.int_tensors, self.options.missing, \
+                list(self.dropped)
             report.layers.extend(stats[layer.name] for layer in self.layers)
 
 

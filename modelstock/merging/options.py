@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from kernels.dispatch import check_backend
 
 from ..dtypes import dtype_name, float_dtype
+from ..layer import INT_POLICIES
+from ..plan import MISSING
 from ..ratio import EPS, layer_rows
 
 
@@ -18,6 +20,8 @@ class MergeOptions:
     backend: str = "auto"            # "auto" | "torch" | "triton" (kernels/dispatch.py)
     out_dtype: str | None = None     # None: each tensor keeps the base's dtype
     compute_dtype: str = "float32"   # or "float64"
+    int_tensors: str = "max"         # non-float tensors that differ: "max" | "base" | "refuse" (layer.py)
+    missing: str = "refuse"          # tensors some models lack: "refuse" | "base" (plan.py)
 
     def __post_init__(self):
         layer_rows((1,), self.granularity)  # raises for an unknown granularity
@@ -29,6 +33,10 @@ class MergeOptions:
         if compute not in ("float32", "float64"):
             raise ValueError(f"compute_dtype must be float32 or float64, got {compute}")
         object.__setattr__(self, "compute_dtype", compute)
+        if self.int_tensors not in INT_POLICIES:
+            raise ValueError(f"int_tensors must be one of {INT_POLICIES}, got {self.int_tensors!r}")
+        if self.missing not in MISSING:
+            raise ValueError(f"missing must be one of {MISSING}, got {self.missing!r}")
 
     @property
     def torch_compute_dtype(self):

@@ -39,7 +39,7 @@ class PeriodicMerge:
 
     def __init__(self, base, models: Sequence[nn.Module], *, every: int | None = None, keep_base: str = "device",
                  granularity: str = "tensor", clamp: bool = True, exclude: Sequence[str] = (), eps: float = EPS,
-                 backend: str = "auto"):
+                 backend: str = "auto", int_tensors: str = "max", missing: str = "refuse"):
         if len(models) < 2:
             raise ValueError(f"PeriodicMerge needs at least two models, got {len(models)}")
         if every is not None and every < 1:
@@ -48,7 +48,8 @@ class PeriodicMerge:
             raise ValueError(f"keep_base must be 'device' or 'host', got {keep_base!r}")
         self.models = [_unwrap(m) for m in models]
         self.every, self.keep_base, self.steps, self.merges = every, keep_base, 0, 0
-        self.options = dict(granularity=granularity, clamp=clamp, exclude=exclude, eps=eps, backend=backend)
+        self.options = dict(granularity=granularity, clamp=clamp, exclude=exclude, eps=eps, backend=backend,
+                            int_tensors=int_tensors, missing=missing)
         device = next(self.models[0].parameters()).device
         where = device if keep_base == "device" else torch.device("cpu")
         # Floating weights: one fixed copy of w0. Integer buffers (BatchNorm's step counters)
