@@ -2,9 +2,11 @@
 small configs (random weights, nothing downloaded), merged by the command line, loaded back with
 from_pretrained; weights against the fp64 formula, companion files byte for byte."""
 import hashlib
+import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modelstock import InputError, merge_files
@@ -117,3 +119,79 @@ def test_fine_tuned_inputs_may_be_single_files(tmp_path):
     out = tmp_path / "merged"
     merge_files(folders[0], [folders[1] / "model.safetensors", folders[2]], out)
     assert not transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)[1]["missing_keys"]
+
+
+def save_bin(folder, state_dict, shards=1):
+    """A model folder as transformers 4 wrote it without safetensors: ``pytorch_model.bin``, or
+    ``pytorch_model-0000k-of-0000n.bin`` shards and ``pytorch_model.bin.index.json``."""
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+    names = list(state_dict)
+    if shards == 1:
+        torch.save({k: v.contiguous() for k, v in state_dict.items()}, folder / "pytorch_model.bin")
+        return
+    weight_map, total = {}, 0
+    for i in range(shards):
+        part = names[i * len(names) // shards: (i + 1) * len(names) // shards]
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save({k: state_dict[k].contiguous() for k in part}, folder / file)
+        weight_map.update({k: file for k in part})
+        total += sum(state_dict[k].numel() * state_dict[k].element_size() for k in part)
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+@pytest.mark.parametrize("layout", ["base-bin", "fine-tuned-bin"])
+def test_bin_folders_read_as_base_or_fine_tuned_and_written_as_safetensors(tmp_path, layout):
+    folders, states = save_models(tmp_path, llama, 2)
+    (folders[0] / "training_args.bin").write_bytes(b"not weights")  # beside them, as trainers leave it
+    if layout == "base-bin":
+        save_bin(folders[0], states[0], shards=3)
+    else:
+        save_bin(folders[1], states[1])
+        save_bin(folders[2], states[2], shards=2)
+    out = tmp_path / "merged"
+    assert main(["merge", *map(str, folders), "-o", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir() if "model" in p.name) == ["model.safetensors"]
+    assert not (out / "training_args.bin").exists()
+    model, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    got = model.state_dict()
+    for k, w0 in states[0].items():
+        if w0.is_floating_point():
+            ws = [s[k] for s in states[1:]]
+            want, t = spec_merge_fp64(w0, ws)
+            assert_within(got[k], want, merge_tolerance(want, w0, ws, w0.dtype, t=t), k)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["format"] == "pt"  # transformers 4 refuses safetensors without it
+
+
+def test_a_folder_without_model_weights_is_refused(tmp_path, capsys):
+    folders, _ = save_models(tmp_path, llama, 2)
+    for f in folders[2].glob("model*.safetensors*"):
+        f.unlink()
+    (folders[2] / "training_args.bin").write_bytes(b"not weights")
+    assert main(["merge", *map(str, folders), "-o", str(tmp_path / "m"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(folders[2]) in err and "pytorch_model.bin" in err and not (tmp_path / "m").exists()
+
+
+def test_output_dtype_is_written_into_the_config(tmp_path):
+    folders, _ = save_models(tmp_path, llama, 2)
+    out = tmp_path / "merged"
+    assert main(["merge", *map(str, folders), "-o", str(out), "--quiet", "--dtype", "bf16"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = transformers.LlamaForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16  # as mergekit's output loads
+    # a config as transformers 4 wrote it (torch_dtype, also in a sub-config), given mergekit's name
+    cfg = json.loads((folders[0] / "config.json").read_text())
+    cfg.pop("dtype")
+    cfg.update(torch_dtype="float32", text_config={"torch_dtype": "float32", "hidden_size": 32})
+    (folders[0] / "config.json").write_text(json.dumps(cfg))
+    out2 = tmp_path / "merged2"
+    assert main(["merge", *map(str, folders), "-o", str(out2), "--quiet", "--dtype", "float16"]) == 0
+    got = json.loads((out2 / "config.json").read_text())
+    assert got["torch_dtype"] == "float16" and got["text_config"]["torch_dtype"] == "float16"
+    assert {k: v for k, v in got.items() if k not in ("torch_dtype", "text_config")} == \
+        {k: v for k, v in cfg.items() if k not in ("torch_dtype", "text_config")}

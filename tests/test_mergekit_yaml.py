@@ -1,6 +1,8 @@
 """`modelstock mergekit-yaml`: mergekit's own config for merge_method: model_stock, over Llama
 folders built with transformers (small config, random weights), against the fp64 formula as
 mergekit's model_stock defines it (cos clipped to [-1, 1] only: clamp=False)."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -59,6 +61,7 @@ def test_dtype_shard_size_and_no_tokenizer(tmp_path):
                  "--quiet"]) == 0
     assert not (out / "tokenizer.json").exists() and (out / "model.safetensors.index.json").is_file()
     assert all(v.dtype == torch.bfloat16 for v in merged_state(out).values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # loads in bf16, as mergekit's
 
 
 @pytest.mark.parametrize("body,message", [

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from . import index, safetensors
+from . import index, safetensors, torch_file
 from .atomic import write_atomic
 from .outputs import is_hf_weight_file
 
 WEIGHTS_NAME = "model.safetensors"
+TORCH_WEIGHTS = "pytorch_model.bin"  # the weights of folders transformers 4 saved without safetensors
 # transformers' save_pretrained(max_shard_size=...) default (transformers 5)
 DEFAULT_SHARD_SIZE = "50GB"
 # what a folder holds as weights, in any format: never copied from the base
@@ -64,6 +65,39 @@ def copy_companions(companions: list[Path], out: Path, durable: bool) -> list[Pa
     return written
 
 
+def config_in_dtype(config: Path, dtype: str) -> bytes | None:
+    """The model's ``config.json`` saying the weights' new dtype (``dtype`` as transformers 5
+    writes it, ``torch_dtype`` as transformers 4 did: whichever it holds, in sub-configs too),
+    so that ``from_pretrained`` loads the merged weights in it, as mergekit's output does.
+    None when it says so already (the file is then copied byte for byte)."""
+    import json
+
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot set the output dtype in it: not JSON ({e})", str(config)) from None
+
+    changed = []
+
+    def update(d) -> bool:
+        found = False
+        for key in ("dtype", "torch_dtype"):
+            if key in d:
+                changed.append(d[key] != dtype)
+                d[key], found = dtype, True
+        for value in d.values():
+            if isinstance(value, dict):
+                found = update(value) or found
+        return found
+
+    if not isinstance(cfg, dict):
+        raise InputError("cannot set the output dtype in it: not a JSON object", str(config))
+    if not update(cfg):
+        cfg["dtype"] = dtype
+        changed.append(True)
+    return (json.dumps(cfg, indent=2) + "\n").encode() if any(changed) else None
+
+
 def write_files(out: Path, files, durable: bool) -> list[Path]:
     """Files the merge adds to the folder ({name: bytes}), written as the weights are."""
     return [write_atomic(out / name, data, durable) for name, data in files.items()]
@@ -84,11 +118,21 @@ def detect(path: Path) -> bool:
 
 
 def reader(path: Path):
-    """The folder's weights: its one ``*.safetensors.index.json``, or its one ``.safetensors``."""
+    """The folder's weights, as transformers picks them: its one ``*.safetensors.index.json``,
+    or its one ``.safetensors``; else (folders written by transformers 4 or torch code)
+    ``pytorch_model.bin.index.json`` and its ``.bin`` shards, or ``pytorch_model.bin``, read with
+    ``torch.load(weights_only=True)``. Other ``.bin`` files (``training_args.bin``) are not
+    weights."""
     indexes = sorted(path.glob("*.safetensors" + index.INDEX_SUFFIX))
     if len(indexes) == 1:
         return index.ShardedIndex(indexes[0])
     files = sorted(path.glob("*.safetensors"))
     if not indexes and len(files) == 1:
         return safetensors.SafetensorsFile(files[0])
-    raise InputError("a folder must hold one *.safetensors.index.json (or one .safetensors file)", str(path))
+    if not indexes and not files:
+        if (path / (TORCH_WEIGHTS + index.INDEX_SUFFIX)).is_file():
+            return index.ShardedIndex(path / (TORCH_WEIGHTS + index.INDEX_SUFFIX))
+        if (path / TORCH_WEIGHTS).is_file():
+            return torch_file.TorchFile(path / TORCH_WEIGHTS)
+    raise InputError("a folder must hold one *.safetensors.index.json or one .safetensors file (or "
+                     f"{TORCH_WEIGHTS}.index.json or {TORCH_WEIGHTS})", str(path))

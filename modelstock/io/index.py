@@ -31,9 +31,9 @@ class ShardedIndex(TensorSource):
         except FileNotFoundError:
             raise InputError("no such file", self.path) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise InputError("not a safetensors index (no JSON 'weight_map')", self.path) from None
+            raise InputError(f"not a {_kind(self.path)} (no JSON 'weight_map')", self.path) from None
         if not isinstance(weight_map, dict):
-            raise InputError("not a safetensors index ('weight_map' is not a mapping)", self.path)
+            raise InputError(f"not a {_kind(self.path)} ('weight_map' is not a mapping)", self.path)
         folder = Path(self.path).parent
         for name, shard in weight_map.items():
             if not is_plain_file_name(shard):
@@ -78,6 +78,10 @@ class ShardedIndex(TensorSource):
 
     def files(self):
         return [self.path] + [s.path for s in self._shards.values()]
+
+
+def _kind(path: str) -> str:
+    return "safetensors index" if path.endswith(".safetensors" + INDEX_SUFFIX) else "sharded checkpoint index"
 
 
 def detect(path: Path) -> bool:

@@ -147,6 +147,10 @@ def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOption
     """The base is a model folder: the output is a folder laid out like it (``io/folders.py``)."""
     out = output.path
     companions = [p for p in folders.companion_files(base) if p.name not in set(skip_files)]
+    config = folders.config_in_dtype(base / "config.json", options.out_dtype) if options.out_dtype else None
+    if config is not None:  # the config says the new dtype (a model folder has one)
+        extra_files = {"config.json": config, **extra_files}
+        companions = [p for p in companions if p.name != "config.json"]
     created = folders.prepare(out, companions, output.force, extra_names=extra_files)
     try:
         weights = _Output(out / folders.WEIGHTS_NAME, output.shard_size, output.force, output.durable)
@@ -181,6 +185,7 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
                          int_tensors=options.int_tensors, missing=options.missing,
                          dropped=dropped_tensors(metas, sources))
     metadata = dict(inputs[0].metadata)
+    metadata.setdefault("format", "pt")  # what save_pretrained writes; transformers 4 refuses files without it
     metadata["modelstock"] = json.dumps({
         "method": "model_stock", "n": n, "granularity": options.granularity, "clamp": options.clamp,
         "eps": options.eps, "exclude": list(options.exclude), "base": os.path.basename(sources[0]),
