@@ -6,11 +6,25 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 # --dtype: the short names and mergekit's (modelstock/dtypes.py resolves both)
 DTYPE_CHOICES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
 EXIT_BAD_INPUT = 2
+
+
+def _size(text: str) -> int:
+    """A positive size for argparse, which names the option in its error."""
+    from .sizes import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2GB, 500MiB or 1000000") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    return size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,9 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N}",
                    help="where the arithmetic runs: cpu (numpy, no torch needed) or a GPU (Triton kernels, "
                    "chunks streamed through pinned buffers)")
-    m.add_argument("--chunk-size", default="256MiB", metavar="SIZE",
+    m.add_argument("--chunk-size", default="256MiB", metavar="SIZE", type=_size,
                    help="with --device cuda: input bytes per chunk; two chunks are in flight on each side")
-    m.add_argument("--shard-size", metavar="SIZE", help="split the safetensors output into shards of at most "
+    m.add_argument("--shard-size", metavar="SIZE", type=_size, help="split the safetensors output into shards of at most "
                    "SIZE (e.g. 2GB, 500MiB) with a Hugging Face index (folder outputs: default 50GB, as "
                    "transformers' save_pretrained)")
     m.add_argument("--report", metavar="FILE.json", help="write the per-layer figures as JSON")
@@ -109,11 +123,30 @@ def _single_threaded_blas() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+_show_warning = warnings.showwarning
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from .errors import MergeWarning
+
+    if issubclass(category, MergeWarning):
+        print(f"modelstock: warning: {message}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .errors import MergeWarning
+
     args = _parser().parse_args(argv)
     _single_threaded_blas()
-    if args.command == "mergekit-yaml":
-        return _mergekit_yaml(args)
+    with warnings.catch_warnings():  # the merge's warnings as one line each, no source lines
+        warnings.simplefilter("always", MergeWarning)
+        warnings.showwarning = _print_warning
+        return _mergekit_yaml(args) if args.command == "mergekit-yaml" else _merge(args)
+
+
+def _merge(args) -> int:
     if len(args.checkpoints) < 3:
         return _fail(f"needs at least two fine-tuned checkpoints (got {len(args.checkpoints) - 1}): "
                      "modelstock merge BASE FT1 FT2 [FT...] -o OUT")

@@ -11,6 +11,11 @@ class InputError(ValueError):
         super().__init__(": ".join(where + [message]))
 
 
+class MergeWarning(UserWarning):
+    """Something a merge did that the user may not have meant (a pattern that matched nothing);
+    the command line prints each as one line."""
+
+
 def require_two_finetuned(count: int) -> None:
     """Model Stock needs the base and at least two fine-tuned models: an angle needs two."""
     if count < 2:

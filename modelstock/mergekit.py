@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from .dtypes import FLOAT_ALIASES
-from .errors import InputError
+from .errors import InputError, MergeWarning
+from .sizes import parse_kmb
 
 METHOD = "model_stock"
 SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths, "
@@ -126,18 +127,8 @@ def model_card(cfg: ModelStockConfig, out: Path) -> str:
             f"model:\n\n```yaml\n{cfg.text.strip()}\n```\n")
 
 
-def parse_kmb(size: str) -> int:
-    """mergekit's sizes: K, M, B for thousand, million, billion (bytes)."""
-    s = size.strip().upper()
-    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(s[-1:], 1)
-    try:
-        return int(float(s[:-1] if scale != 1 else s) * scale)
-    except ValueError:
-        raise ValueError(f"--out-shard-size: {size!r} is not a size like 5B, 500M or 200K") from None
-
-
 def _warn(note: str) -> None:
-    warnings.warn(note, stacklevel=3)
+    warnings.warn(note, MergeWarning, stacklevel=3)
 
 
 def run_config(config, out_path, *, cuda: bool = False, out_shard_size: str | int = "5B", copy_tokenizer: bool = True,

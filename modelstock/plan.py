@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .dtypes import FLOATS, ITEMSIZE, nbytes
-from .errors import InputError, require_two_finetuned
+from .errors import InputError, MergeWarning, require_two_finetuned
 from .ratio import layer_rows
 
 # What a merge does with a tensor some models lack: refuse (one line naming it), or take the
@@ -130,6 +130,15 @@ def plan_layers(
         rows = layer_rows(shape, granularity) if kind == "merge" else 1
         layers.append(Layer(name, names, shape, dtypes, kind, rows))
     return layers
+
+
+def warn_unmatched(layers: Sequence[Layer], exclude: Sequence[str]) -> None:
+    """A warning for each ``exclude`` pattern that names no tensor (a typo excludes nothing)."""
+    import warnings
+
+    for p in exclude:
+        if not any(fnmatch.fnmatchcase(name, p) for layer in layers for name in (layer.name, canonical_name(layer.name))):
+            warnings.warn(f"exclude pattern {p!r} matches no tensor", MergeWarning, stacklevel=3)
 
 
 def dropped_tensors(metas: Sequence[Mapping[str, tuple]], sources: Sequence[str]) -> list[str]:

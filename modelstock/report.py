@@ -146,7 +146,9 @@ class MergeReport:
         if clamped:
             ax2.plot(clamped, [merged[i].t for i in clamped], "x", color="C3", label="clamped")
         ax2.set_ylabel("ratio t")
-        ax2.set_xlabel("layer (state-dict order)")
+        ticks, labels = layer_groups([m.name for m in merged])
+        ax2.set_xticks(ticks, labels, rotation=90, fontsize="x-small")
+        ax2.set_xlabel("layer, by block (state-dict order)")
         ax2.legend(loc="upper right", fontsize="small")
         fig.suptitle(f"Model Stock, N = {self.n}, {self.granularity} granularity: "
                      f"mean angle {self.mean_angle_deg or float('nan'):.1f} deg")
@@ -156,6 +158,23 @@ class MergeReport:
         fig.savefig(tmp, dpi=120)
         plt.close(fig)
         os.replace(tmp, path)
+
+
+def layer_groups(names: list[str], most: int = 40) -> tuple[list[int], list[str]]:
+    """Where each block of layers starts and its name, for a plot's x axis: a name up to its
+    first number (``visual.transformer.resblocks.3``, ``model.layers.0``), or its first part
+    (``token_embedding``); at most ``most`` labels, evenly thinned."""
+    import re
+
+    starts, labels = [], []
+    for i, name in enumerate(names):
+        m = re.match(r"(.*?\.\d+)(?:\.|$)", name)
+        group = m.group(1) if m else name.split(".")[0]
+        if not labels or labels[-1] != group:
+            starts.append(i)
+            labels.append(group)
+    step = max(1, -(-len(starts) // most))
+    return starts[::step], labels[::step]
 
 
 def _first(names: list[str], count: int = 5) -> str:

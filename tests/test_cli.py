@@ -262,3 +262,39 @@ def test_sigkill_leaves_a_temporary_that_the_next_merge_removes(ckpts):
     out = load_file(tmp / "o.safetensors")
     want = modelstock.merge(base, fts)
     assert all(torch.equal(out[k], want[k]) for k in want)
+
+
+def test_sizes_dtype_names_and_excludes_that_match_nothing(ckpts, capsys):
+    tmp, paths, base, fts = ckpts
+    out = str(tmp / "o.safetensors")
+    with pytest.raises(SystemExit) as e:  # argparse: exit 2, naming the option
+        main(["merge", *paths, "-o", out, "--shard-size", "12XB"])
+    assert e.value.code == 2 and "--shard-size" in capsys.readouterr().err and not os.path.exists(out)
+    with pytest.raises(SystemExit):
+        main(["merge", *paths, "-o", out, "--chunk-size", "0"])
+    assert "--chunk-size" in capsys.readouterr().err
+    # mergekit's dtype names, and a warning for an --exclude that names no tensor
+    assert main(["merge", *paths, "-o", out, "--dtype", "bfloat16", "--exclude", "proj.*", "--exclude", "nope*",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["modelstock: warning: exclude pattern 'nope*' matches no tensor"], err
+    assert all(v.dtype == torch.bfloat16 for v in load_file(out).values() if v.is_floating_point())
+    with pytest.warns(modelstock.errors.MergeWarning, match="'nope'"):
+        modelstock.merge(base, fts, exclude=["nope"])
+    with pytest.raises(ValueError, match="shard_size: '12XB'"):
+        modelstock.merge_files(paths[0], paths[1:], tmp / "p.safetensors", shard_size="12XB")
+
+
+def test_plot_names_the_blocks_of_layers_on_its_x_axis():
+    from modelstock.report import layer_groups
+
+    names = ["token_embedding.weight", "positional_embedding"] + \
+        [f"transformer.resblocks.{i}.{p}" for i in range(12) for p in ("attn.in_proj_weight", "ln_1.weight")] + \
+        ["ln_final.weight", "visual.conv1.weight"]
+    ticks, labels = layer_groups(names)
+    assert labels[:4] == ["token_embedding", "positional_embedding", "transformer.resblocks.0",
+                          "transformer.resblocks.1"] and labels[-2:] == ["ln_final", "visual"]
+    assert [names[t] for t in ticks[2:4]] == ["transformer.resblocks.0.attn.in_proj_weight",
+                                             "transformer.resblocks.1.attn.in_proj_weight"]
+    ticks, labels = layer_groups(names, most=5)  # thinned evenly to at most 5 labels
+    assert len(labels) <= 5 and labels[0] == "token_embedding"

@@ -19,23 +19,12 @@ from ..errors import require_two_finetuned
 from ..dtypes import nbytes
 from ..io import CheckpointWriter, folders, open_checkpoint, output_paths, remove_stale_temporaries
 from ..io.outputs import check_not_an_input, check_output_file
-from ..plan import dropped_tensors, plan_layers
+from ..plan import dropped_tensors, plan_layers, warn_unmatched
 from ..ratio import EPS
 from ..report import MergeReport
+from ..sizes import parse_size
 from . import cpu_pipeline
 from .options import MergeOptions
-
-
-def parse_size(size: int | str | None) -> int | None:
-    """Bytes from an int or a size such as "2GB", "500MiB", "5e9"."""
-    if size is None or isinstance(size, int):
-        return size
-    s = size.strip().upper().removesuffix("B")
-    units = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    for suffix in sorted(units, key=len, reverse=True):
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * units[suffix])
-    return int(s)
 
 
 @dataclass(frozen=True)
@@ -107,6 +96,7 @@ def merge_files(
     options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, compute_dtype, int_tensors,
                            missing)
     pipeline = _pipeline(device, backend, chunk_size, progress)
+    shard_bytes = parse_size(shard_size, "shard_size")
     # Before any input is opened: the output is none of them, holds none, lies in none.
     check_not_an_input(out, [base, *finetuned])
     inputs = []
@@ -116,11 +106,11 @@ def merge_files(
         # ... nor any file they name (an index's shards, symlinks followed).
         check_not_an_input(out, [f for ck in inputs for f in ck.files()])
         if folders.is_model_folder(base):
-            size = parse_size(shard_size if shard_size is not None else folders.DEFAULT_SHARD_SIZE)
+            size = shard_bytes if shard_bytes is not None else parse_size(folders.DEFAULT_SHARD_SIZE)
             output = _Output(Path(out), size, force, durable)
             return _merge_into_folder(inputs, Path(base), output, options, pipeline, start, skip_files,
                                       extra_files or {})
-        output = _Output(Path(out), parse_size(shard_size), force, durable)
+        output = _Output(Path(out), shard_bytes, force, durable)
         return _merge_open(inputs, output, options, pipeline, start)
     finally:
         for ck in inputs:
@@ -132,7 +122,7 @@ def _pipeline(device: str, backend: str, chunk_size, progress: bool) -> _Pipelin
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if backend == "triton" and device == "cpu":
         raise ValueError("backend='triton' merges files on a GPU: pass device='cuda' (the CPU merge runs on numpy)")
-    chunk_bytes = parse_size(chunk_size)
+    chunk_bytes = parse_size(chunk_size, "chunk_size")
     if not chunk_bytes or chunk_bytes <= 0:
         raise ValueError(f"chunk_size must be a positive size, got {chunk_size!r}")
     if device == "cpu":
@@ -174,6 +164,7 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
     metas = [ck.tensors() for ck in inputs]
     layers = plan_layers(metas, sources, granularity=options.granularity, exclude=options.exclude,
                          missing=options.missing)
+    warn_unmatched(layers, options.exclude)
     entries = [(layer.name, layer.out_dtype(options.out_dtype), layer.shape) for layer in layers]
     input_files = [f for ck in inputs for f in ck.files()]
     for p in output_paths(out, entries, output.shard_size):

@@ -16,6 +16,7 @@ the checkpoint's size.
 from __future__ import annotations
 
 import contextlib
+import glob
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +132,9 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     ready: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_chunks, args=(inputs, layers, chunks, host_in, free_in, ready), daemon=True)
     reader.start()
-    merge_options = dict(granularity=options.granularity, exclude=options.exclude, eps=options.eps,
+    # the file's plan decided which layers are excluded: each chunk's merge gets their names
+    excluded = tuple(glob.escape(layer.name) for layer in layers if layer.kind == "average")
+    merge_options = dict(granularity=options.granularity, exclude=excluded, eps=options.eps,
                          clamp=options.clamp, backend=options.backend, compute_dtype=options.torch_compute_dtype,
                          int_tensors=options.int_tensors, missing=options.missing)
     try:

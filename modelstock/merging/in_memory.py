@@ -11,7 +11,7 @@ from ..backends import sharded as sharded_backend
 from ..backends.torch_layers import CopyLayers, TorchLayers
 from ..dtypes import dtype_name
 from ..errors import InputError
-from ..plan import canonical_name, dropped_tensors, plan_layers
+from ..plan import canonical_name, dropped_tensors, plan_layers, warn_unmatched
 from ..ratio import EPS
 from ..report import MergeReport
 from .options import MergeOptions
@@ -104,6 +104,7 @@ class InPlaceMerge:
         sds = [state_dict_of(m, s) for m, s in zip([base, *finetuned], self.sources)]
         metas = [{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds]
         self.layers = plan_layers(metas, self.sources, granularity=granularity, exclude=exclude, missing=missing)
+        warn_unmatched(self.layers, exclude)
         self.dropped = dropped_tensors(metas, self.sources)
         dest = [{canonical_name(k): v for k, v in state_dict_of(m, f"targets[{i}]").items()}
                 for i, m in enumerate(targets)]
