@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -298,3 +299,42 @@ def test_plot_names_the_blocks_of_layers_on_its_x_axis():
                                              "transformer.resblocks.1.attn.in_proj_weight"]
     ticks, labels = layer_groups(names, most=5)  # thinned evenly to at most 5 labels
     assert len(labels) <= 5 and labels[0] == "token_embedding"
+
+
+def test_an_input_truncated_mid_merge_stops_it_with_one_line_not_sigbus(ckpts):
+    """Another process truncating an input mid-merge waits on the merge's read lease
+    (io/leases.py); the merge stops at its next layer with one line naming the file."""
+    import threading
+
+    tmp, paths, _, _ = ckpts
+    out = tmp / "o.safetensors"
+    code = f"""
+import sys, time
+from modelstock import cli
+from modelstock.merging import cpu_pipeline
+real = cpu_pipeline.stream
+def paused(inputs, layers, entries, write, *args, **kwargs):
+    def first_then_wait(*a, **k):
+        write(*a, **k)
+        if not getattr(first_then_wait, "done", False):
+            first_then_wait.done = True
+            print("writing", flush=True)
+            time.sleep(3)  # the other process truncates an input meanwhile
+    return real(inputs, layers, entries, first_then_wait, *args, **kwargs)
+cpu_pipeline.stream = paused
+sys.exit(cli.main({["merge", *map(str, paths), "-o", str(out), "--quiet"]!r}))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+    truncated = threading.Event()
+    worker = threading.Thread(target=lambda: (os.truncate(paths[2], 100), truncated.set()))
+    worker.start()
+    time.sleep(0.5)
+    assert not truncated.is_set()  # held back while the merge still reads the file
+    _, err = proc.communicate(timeout=60)
+    worker.join(timeout=60)
+    assert truncated.is_set() and os.path.getsize(paths[2]) == 100
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and paths[2] in lines[0] and "truncated by another process" in lines[0], err
+    assert not out.exists() and temporaries(tmp) == []

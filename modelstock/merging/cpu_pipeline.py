@@ -99,9 +99,11 @@ class _Ring:
             self._cv.notify_all()
 
 
-def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar, options: MergeOptions) -> None:
+def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar, options: MergeOptions,
+           check=lambda: None) -> None:
     """The CPU merge: the reader thread maps layers ahead, this thread computes on numpy, the
-    writer writes; appends each layer's figures to ``report`` in order."""
+    writer writes; appends each layer's figures to ``report`` in order. ``check()`` runs before
+    each layer (``io/leases.py``: it raises if an input is about to change)."""
     sources = report.inputs
     eps, clamp, compute_dtype = options.eps, options.clamp, options.compute_dtype
     floats = [layer for layer in layers if not layer.copied]
@@ -117,6 +119,7 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     reader.start()
     try:
         for layer, (_, dtype, _) in zip(layers, entries):
+            check()
             item = ready.get()
             if isinstance(item, BaseException):
                 raise item

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 from ..errors import require_two_finetuned
 from ..dtypes import nbytes
 from ..io import CheckpointWriter, folders, open_checkpoint, output_paths, remove_stale_temporaries
+from ..io.leases import InputGuard
 from ..io.outputs import check_not_an_input, check_output_file
 from ..plan import dropped_tensors, plan_layers, warn_unmatched
 from ..ratio import EPS
@@ -190,15 +191,17 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
 
         bar = tqdm(total=report.bytes_read, unit="B", unit_scale=True, desc="merging", leave=False)
     try:
-        with CheckpointWriter(out, entries, metadata, output.shard_size, output.durable) as writer:
+        with InputGuard(input_files) as guard, \
+                CheckpointWriter(out, entries, metadata, output.shard_size, output.durable) as writer:
             with cpu_pipeline.Writer(writer) as write:
                 if pipeline.device is None:
-                    cpu_pipeline.stream(inputs, layers, entries, write, report, bar, options)
+                    cpu_pipeline.stream(inputs, layers, entries, write, report, bar, options, guard.check)
                 else:
                     from . import gpu_pipeline
 
                     gpu_pipeline.stream(inputs, layers, entries, write, report, bar, options, device=pipeline.device,
-                                        chunk_bytes=pipeline.chunk_bytes)
+                                        chunk_bytes=pipeline.chunk_bytes, check=guard.check)
+            guard.check()  # every layer was read before any other process could change an input
             report.output = [str(p) for p in writer.commit()]
     finally:
         if bar is not None:

@@ -109,7 +109,7 @@ def _view(buf: torch.Tensor, span: tuple[int, int], dtype: str, shape) -> torch.
 
 
 def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar, options: MergeOptions, *,
-           device: torch.device, chunk_bytes: int) -> None:
+           device: torch.device, chunk_bytes: int, check=lambda: None) -> None:
     """Merge ``layers`` chunk by chunk on ``device``, handing each result to ``write`` in order
     and appending each layer's figures to ``report``."""
     out_dtypes = [dtype for _, dtype, _ in entries]
@@ -140,6 +140,7 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     try:
         for k, chunk in enumerate(chunks):
             s = k % 2
+            check()
             item = ready.get()
             if isinstance(item, BaseException):
                 raise item
