@@ -206,10 +206,10 @@ def test_cpu_merge_of_safetensors_never_imports_torch(ckpts, user_blas_threads):
     assert done.stdout.split() == ["0", "False", "False", user_blas_threads or "1"], done.stderr[-2000:]
 
 
-def _paused_merge(paths, out):
-    """The CLI in a child process whose merge stops after its first layer is queued for
-    writing (so a temporary file exists), saying so on stdout: a merge a signal can catch
-    mid-way."""
+def _paused_merge(paths, out, pause=60):
+    """The CLI in a child process whose merge stops (``pause`` s) after its first layer is
+    queued for writing (so a temporary file exists), saying so on stdout: a merge a signal can
+    catch mid-way."""
     code = f"""
 import sys, time
 from modelstock import cli
@@ -222,7 +222,7 @@ def paused(inputs, layers, entries, write, *args, **kwargs):
             first_then_wait.done = True
             time.sleep(0.5)  # the writer thread has the layer in the file by then
             print("writing", flush=True)
-            time.sleep(60)
+            time.sleep({pause})
     return real(inputs, layers, entries, first_then_wait, *args, **kwargs)
 files.stream = paused
 sys.exit(cli.main({["merge", *map(str, paths), "-o", str(out), "--quiet"]!r}))
@@ -308,24 +308,7 @@ def test_an_input_truncated_mid_merge_stops_it_with_one_line_not_sigbus(ckpts):
 
     tmp, paths, _, _ = ckpts
     out = tmp / "o.safetensors"
-    code = f"""
-import sys, time
-from modelstock import cli
-from modelstock.merging import cpu_pipeline
-real = cpu_pipeline.stream
-def paused(inputs, layers, entries, write, *args, **kwargs):
-    def first_then_wait(*a, **k):
-        write(*a, **k)
-        if not getattr(first_then_wait, "done", False):
-            first_then_wait.done = True
-            print("writing", flush=True)
-            time.sleep(3)  # the other process truncates an input meanwhile
-    return real(inputs, layers, entries, first_then_wait, *args, **kwargs)
-cpu_pipeline.stream = paused
-sys.exit(cli.main({["merge", *map(str, paths), "-o", str(out), "--quiet"]!r}))
-"""
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+    proc = _paused_merge(paths, out, pause=3)  # the other process truncates an input meanwhile
     truncated = threading.Event()
     worker = threading.Thread(target=lambda: (os.truncate(paths[2], 100), truncated.set()))
     worker.start()
