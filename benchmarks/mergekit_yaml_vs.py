@@ -9,6 +9,12 @@ cpu-mergekit-yaml-<date>.json: median seconds of ROUNDS interleaved runs each (p
 dirty pages flushed before each run), per tensor the largest relative difference
 |ours - mergekit| / max|mergekit|, and the largest relative difference of each from the formula
 evaluated in fp64 (these deltas are far above mergekit's eps floor, so eps plays no part).
+
+Then configs as people publish them (``parameters: {normalize, int8_mask}``, per-model
+``weight``, ``tokenizer_source: base`` and ``tokenizer: {source: base, pad_to_multiple_of}``
+over a real tokenizer shorter than the embedding): each tool's tensor names and shapes, the
+config's ``vocab_size`` and the largest weight difference; and every flag of the installed
+``mergekit-yaml --help`` given to ``modelstock mergekit-yaml``.
 """
 from __future__ import annotations
 
@@ -52,6 +58,66 @@ def build(root: Path, n: int = 2) -> list[Path]:
             model.save_pretrained(folder)
         folders.append(folder)
     return folders
+
+
+def published(work: Path, folders: list[Path], mergekit: str) -> dict:
+    """The two tools on configs as published, with a real tokenizer of 7000 tokens for the
+    8000-row embedding (a padded vocabulary): names, shapes, vocab_size, largest difference."""
+    from tests.test_mergekit_yaml import save_tokenizer
+
+    for f in folders:
+        save_tokenizer(f, 7000)
+    cases = {
+        "normalize_int8_mask_weight_tokenizer_source": "tokenizer_source: base\n",
+        "tokenizer_pad_to_multiple_of_64": "tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n",
+    }
+    results = {}
+    for name, tokenizer in cases.items():
+        config = work / f"{name}.yml"
+        config.write_text(f"merge_method: model_stock\nbase_model: {folders[0]}\nmodels:\n"
+                          f"  - model: {folders[1]}\n    parameters:\n      weight: 1.0\n  - model: {folders[2]}\n"
+                          f"parameters:\n  normalize: true\n  int8_mask: true\n{tokenizer}dtype: float32\n")
+        outs = {key: work / f"out-{name}-{key}" for key in ("modelstock", "mergekit")}
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "modelstock", "mergekit-yaml", str(config), str(outs["modelstock"]),
+                        "--quiet"], check=True)
+        subprocess.run([mergekit, str(config), str(outs["mergekit"])], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        w = {k: weights(v) for k, v in outs.items()}
+        shapes = {k: {n: list(t.shape) for n, t in v.items()} for k, v in w.items()}
+        vocab = {k: json.loads((v / "config.json").read_text())["vocab_size"] for k, v in outs.items()}
+        same = shapes["modelstock"] == shapes["mergekit"]
+        diff = max(float((w["modelstock"][n].double() - t.double()).abs().max() / t.double().abs().max())
+                   for n, t in w["mergekit"].items()) if same else None
+        results[name] = {"same_names_and_shapes": same, "vocab_size": vocab,
+                         "embed_rows": {k: v["model.embed_tokens.weight"][0] for k, v in shapes.items()},
+                         "max_rel_diff": diff}
+        assert same and vocab["modelstock"] == vocab["mergekit"], results[name]
+    return results
+
+
+def flags_accepted(mergekit: str) -> dict:
+    """Every option the installed mergekit-yaml's --help lists, given to ours: accepted?"""
+    import re
+
+    from modelstock import cli
+
+    text = subprocess.run([mergekit, "--help"], capture_output=True, text=True).stdout
+    text = re.sub(r"-\n\s+", "-", text)  # a flag wrapped across lines
+    flags = sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-z])\b", text)) - {"--help"})
+    takes_value = {f for f in flags if re.search(re.escape(f) + r"(?:, --[a-z][a-z0-9-]*)? (?:TEXT|INTEGER|SIZE)", text)}
+    parser = cli._parser()
+    accepted = {}
+    for flag in flags:
+        argv = ["mergekit-yaml", "c.yml", "out", flag] + (["2"] if flag in takes_value else [])
+        try:
+            parser.parse_args(argv)
+            accepted[flag] = True
+        except SystemExit:
+            accepted[flag] = False
+    assert all(accepted.values()), [f for f, ok in accepted.items() if not ok]
+    return accepted
 
 
 def timed(argv) -> float:
@@ -112,7 +178,8 @@ def main() -> None:
               "input_bytes": sum(f.stat().st_size for d in folders for f in d.glob("*.safetensors")),
               "seconds": seconds, "ratio_vs_mergekit": seconds["modelstock"] / seconds["mergekit"],
               "max_rel_diff": max(rel.values()), "max_rel_diff_vs_fp64_formula": vs_fp64,
-              "max_rel_diff_per_tensor": rel}
+              "max_rel_diff_per_tensor": rel,
+              "published_configs": published(work, folders, mergekit), "mergekit_flags_accepted": flags_accepted(mergekit)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cpu-mergekit-yaml-{record['date']}.json"

@@ -76,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
                     "folder with the merged weights, the base's config and tokenizer, a README.md and the config.")
     k.add_argument("config", metavar="CONFIG")
     k.add_argument("out_path", metavar="OUT_PATH")
-    k.add_argument("--cuda", action="store_true", help="run the arithmetic on the GPU (the Triton kernels)")
+    k.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the arithmetic on the GPU (the Triton kernels)")
+    k.add_argument("--device", help="where the arithmetic runs: cpu, cuda or cuda:N (overrides --cuda)")
+    k.add_argument("--gpu-rich", action="store_true", help="mergekit's alias for --cuda and GPU residency: --cuda")
+    k.add_argument("-j", "--num-threads", type=int, metavar="N", help="threads for the CPU arithmetic")
     k.add_argument("--out-shard-size", default="5B", metavar="SIZE",
                    help="bytes per output shard, mergekit's notation (5B = 5 billion, 500M, 200K)")
     k.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
@@ -84,20 +88,23 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
                    help="write README.md describing the merge (default: yes)")
     k.add_argument("--force", action="store_true", help="replace existing output files")
-    k.add_argument("--quiet", action="store_true")
-    for flag in MERGEKIT_IGNORED_FLAGS:
-        k.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    for flag in MERGEKIT_IGNORED_OPTIONS:
-        k.add_argument(flag, help=argparse.SUPPRESS)
+    k.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False)
+    for switch in MERGEKIT_IGNORED_SWITCHES:
+        k.add_argument(f"--{switch}", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
+    for option in MERGEKIT_IGNORED_OPTIONS:
+        k.add_argument(option, help=argparse.SUPPRESS)
+    k.add_argument("-v", action="count", help=argparse.SUPPRESS)
+    k.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-# mergekit-yaml's flags that mean nothing here: accepted, and said to be ignored
-MERGEKIT_IGNORED_FLAGS = ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--trust-remote-code",
-                          "--clone-tensors", "--read-to-gpu", "--multi-gpu", "--gpu-rich", "--safe-serialization",
-                          "--verbose", "--no-lazy-unpickle")
-MERGEKIT_IGNORED_OPTIONS = ("--random-seed", "--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype",
-                            "--num-threads", "--device")
+# mergekit-yaml 0.1.x's flags (its --help) that change nothing here: accepted, each said to be
+# ignored (switches in both forms, --x and --no-x)
+MERGEKIT_IGNORED_SWITCHES = ("allow-crimes", "unsafe-truncate-embeddings", "trust-remote-code", "low-cpu-memory",
+                             "lazy-unpickle", "read-to-gpu", "multi-gpu", "async-write", "clone-tensors",
+                             "safe-serialization")
+MERGEKIT_IGNORED_OPTIONS = ("--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype", "--random-seed",
+                            "--write-threads")
 
 
 class Terminated(KeyboardInterrupt):
@@ -210,13 +217,24 @@ def _check_extra_outputs(args, inputs) -> None:
 def _mergekit_yaml(args) -> int:
     from . import mergekit
 
-    for flag in (*MERGEKIT_IGNORED_FLAGS, *MERGEKIT_IGNORED_OPTIONS):
+    for switch in MERGEKIT_IGNORED_SWITCHES:
+        value = getattr(args, switch.replace("-", "_"))
+        if value is not None:
+            why = "the output is safetensors anyway" if switch == "safe-serialization" and not value else \
+                "means nothing here"
+            print(f"modelstock: --{'' if value else 'no-'}{switch} {why}; ignored", file=sys.stderr)
+    for flag in (*MERGEKIT_IGNORED_OPTIONS, "-v", "--verbose"):
         if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False):
             print(f"modelstock: {flag} means nothing here; ignored", file=sys.stderr)
+    if args.num_threads is not None:  # the CPU arithmetic's thread pool (backends/numpy_ops.py)
+        if args.num_threads < 1:
+            return _fail(f"--num-threads must be positive, got {args.num_threads}")
+        os.environ["MODELSTOCK_THREADS"] = str(args.num_threads)
+    device = args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu")
     out = Path(args.out_path)
     try:
         report = mergekit.run_config(
-            args.config, out, cuda=args.cuda, out_shard_size=args.out_shard_size, copy_tokenizer=args.copy_tokenizer,
+            args.config, out, device=device, out_shard_size=args.out_shard_size, copy_tokenizer=args.copy_tokenizer,
             write_model_card=args.write_model_card, force=args.force, progress=not args.quiet and sys.stderr.isatty(),
             notice=lambda note: print(f"modelstock: {note}", file=sys.stderr))
     except ValueError as e:  # InputError included

@@ -65,36 +65,38 @@ def copy_companions(companions: list[Path], out: Path, durable: bool) -> list[Pa
     return written
 
 
-def config_in_dtype(config: Path, dtype: str) -> bytes | None:
+def updated_config(config: Path, dtype: str | None = None, values=None) -> bytes | None:
     """The model's ``config.json`` saying the weights' new dtype (``dtype`` as transformers 5
     writes it, ``torch_dtype`` as transformers 4 did: whichever it holds, in sub-configs too),
-    so that ``from_pretrained`` loads the merged weights in it, as mergekit's output does.
-    None when it says so already (the file is then copied byte for byte)."""
+    so that ``from_pretrained`` loads the merged weights in it, as mergekit's output does, and
+    the new ``values`` ({key: value}, wherever the key stands). None when it says all that
+    already (the file is then copied byte for byte)."""
     import json
 
     try:
         cfg = json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot set the output dtype in it: not JSON ({e})", str(config)) from None
+        raise InputError(f"cannot update it: not JSON ({e})", str(config)) from None
 
     changed = []
 
-    def update(d) -> bool:
+    def update(d, new: dict) -> bool:
         found = False
-        for key in ("dtype", "torch_dtype"):
+        for key, value in new.items():
             if key in d:
-                changed.append(d[key] != dtype)
-                d[key], found = dtype, True
+                changed.append(d[key] != value)
+                d[key], found = value, True
         for value in d.values():
             if isinstance(value, dict):
-                found = update(value) or found
+                found = update(value, new) or found
         return found
 
     if not isinstance(cfg, dict):
-        raise InputError("cannot set the output dtype in it: not a JSON object", str(config))
-    if not update(cfg):
+        raise InputError("cannot update it: not a JSON object", str(config))
+    if dtype is not None and not update(cfg, {"dtype": dtype, "torch_dtype": dtype}):
         cfg["dtype"] = dtype
         changed.append(True)
+    update(cfg, dict(values or {}))
     return (json.dumps(cfg, indent=2) + "\n").encode() if any(changed) else None
 
 

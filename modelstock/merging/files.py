@@ -13,11 +13,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import require_two_finetuned
 from ..dtypes import nbytes
-from ..io import CheckpointWriter, folders, open_checkpoint, output_paths, remove_stale_temporaries
+from ..io import CheckpointWriter, TensorSource, folders, open_checkpoint, output_paths, remove_stale_temporaries
 from ..io.leases import InputGuard
 from ..io.outputs import check_not_an_input, check_output_file
 from ..plan import dropped_tensors, plan_layers, warn_unmatched
@@ -67,6 +67,8 @@ def merge_files(
     missing: str = "refuse",
     skip_files: Sequence[str] = (),
     extra_files: Mapping[str, bytes] | None = None,
+    config_values: Mapping[str, object] | None = None,
+    transform: Callable[[TensorSource], TensorSource] | None = None,
 ) -> MergeReport:
     """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
 
@@ -79,7 +81,9 @@ def merge_files(
     is a folder laid out like the base's: ``model.safetensors`` (or shards of ``shard_size``,
     default 50GB as transformers' ``save_pretrained``, with ``model.safetensors.index.json``)
     and every other file of the base copied unchanged (but those named in ``skip_files``), so
-    ``from_pretrained(out)`` loads it; ``extra_files`` ({name: bytes}) are written there too.
+    ``from_pretrained(out)`` loads it; ``extra_files`` ({name: bytes}) are written there too, and
+    ``config_values`` ({key: value}) set in its ``config.json``. ``transform``: each opened
+    input passes through it (mergekit's vocabulary resize, ``modelstock/mergekit/vocabulary.py``).
     ``int_tensors`` and ``missing``: as :func:`modelstock.merge`'s.
     Nothing is written unless the whole merge succeeds (files are renamed into place at the
     end); ``durable`` also fsyncs them, so they survive a power cut.
@@ -106,11 +110,13 @@ def merge_files(
             inputs.append(open_checkpoint(path))
         # ... nor any file they name (an index's shards, symlinks followed).
         check_not_an_input(out, [f for ck in inputs for f in ck.files()])
+        if transform is not None:
+            inputs[:] = [transform(ck) for ck in inputs]
         if folders.is_model_folder(base):
             size = shard_bytes if shard_bytes is not None else parse_size(folders.DEFAULT_SHARD_SIZE)
             output = _Output(Path(out), size, force, durable)
             return _merge_into_folder(inputs, Path(base), output, options, pipeline, start, skip_files,
-                                      extra_files or {})
+                                      extra_files or {}, config_values or {})
         output = _Output(Path(out), shard_bytes, force, durable)
         return _merge_open(inputs, output, options, pipeline, start)
     finally:
@@ -134,12 +140,12 @@ def _pipeline(device: str, backend: str, chunk_size, progress: bool) -> _Pipelin
 
 
 def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float,
-                       skip_files, extra_files: Mapping[str, bytes]) -> MergeReport:
+                       skip_files, extra_files: Mapping[str, bytes], config_values) -> MergeReport:
     """The base is a model folder: the output is a folder laid out like it (``io/folders.py``)."""
     out = output.path
     companions = [p for p in folders.companion_files(base) if p.name not in set(skip_files)]
-    config = folders.config_in_dtype(base / "config.json", options.out_dtype) if options.out_dtype else None
-    if config is not None:  # the config says the new dtype (a model folder has one)
+    config = folders.updated_config(base / "config.json", options.out_dtype, config_values)
+    if config is not None:  # the config says the new dtype and values (a model folder has one)
         extra_files = {"config.json": config, **extra_files}
         companions = [p for p in companions if p.name != "config.json"]
     created = folders.prepare(out, companions, output.force, extra_names=extra_files)

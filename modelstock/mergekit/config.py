@@ -1,6 +1,4 @@
-"""mergekit's YAML for ``merge_method: model_stock``, read as mergekit reads it, run as this
-package's file merge: ``modelstock.mergekit.run_config(CONFIG, OUT_PATH)``, which the command
-``modelstock mergekit-yaml CONFIG OUT_PATH`` wraps.
+"""mergekit's YAML for ``merge_method: model_stock``, read as mergekit reads it.
 
 What mergekit's model_stock computes, per tensor (or per row with ``filter_wise``): the mean over
 pairs of cos = <d_i, d_j> / max(|d_i| |d_j|, 1e-6), clipped to [-1, 1] only (the authors'
@@ -12,22 +10,20 @@ the norm product is above 1e-6), computes in fp32 whatever ``dtype`` says (merge
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .dtypes import FLOAT_ALIASES
-from .errors import InputError, MergeWarning
-from .sizes import parse_kmb
+from ..dtypes import FLOAT_ALIASES
+from ..errors import InputError
 
 METHOD = "model_stock"
 SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths, "
-             "parameters: filter_wise, dtype, out_dtype")
+             "parameters: filter_wise, dtype, out_dtype, tokenizer_source: base (or tokenizer: {source: base})")
 # what mergekit's own tokenizer handling copies from the base (--copy-tokenizer, its default)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja")
-_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name", "tokenizer_source"}
+_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name", "tokenizer_source",
+         "tokenizer"}
 
 
 @dataclass
@@ -39,6 +35,8 @@ class ModelStockConfig:
     out_dtype: str | None = None
     text: str = ""
     ignored: list[str] = field(default_factory=list)
+    tokenizer_source: str | None = None     # "base": embeddings and head resized to the base's tokenizer
+    pad_to_multiple_of: int | None = None
 
 
 def _model_path(entry, where: str, root: Path) -> Path:
@@ -87,12 +85,15 @@ def load(config_path) -> ModelStockConfig:
     if unknown:
         raise InputError(f"keys {unknown} are not supported (slices, tokenizer or chat-template surgery); {SUPPORTED}",
                          str(path))
-    if cfg.get("tokenizer_source") not in (None, "base"):
-        raise InputError(f"tokenizer_source {cfg['tokenizer_source']!r}: only the base's tokenizer is supported", str(path))
+    tokenizer_source, pad = _tokenizer(cfg, str(path))
     params = cfg.get("parameters") or {}
-    if not isinstance(params, dict) or set(params) - {"filter_wise"}:
-        raise InputError(f"parameters {sorted(params) if isinstance(params, dict) else params!r}: model_stock takes "
-                         "only filter_wise", str(path))
+    if not isinstance(params, dict):
+        raise InputError(f"parameters must be a mapping, got {params!r}", str(path))
+    if not isinstance(params.get("filter_wise", False), bool):
+        raise InputError(f"parameters.filter_wise must be true or false, got {params['filter_wise']!r}", str(path))
+    # what published configs carry beside model_stock (normalize, int8_mask, weight): mergekit
+    # accepts them and they change nothing for this method
+    ignored = [f"parameters.{k} (model_stock does not use it)" for k in params if k != "filter_wise"]
     root = path.parent
     if "base_model" not in cfg:
         raise InputError(f"model_stock needs a base_model; {SUPPORTED}", str(path))
@@ -100,7 +101,6 @@ def load(config_path) -> ModelStockConfig:
     entries = cfg.get("models") or []
     if not isinstance(entries, list):
         raise InputError(f"models must be a list; {SUPPORTED}", str(path))
-    ignored = []
     finetuned = []
     for i, entry in enumerate(entries):
         p = _model_path(entry, f"models[{i}]", root)
@@ -112,7 +112,29 @@ def load(config_path) -> ModelStockConfig:
         raise InputError(f"model_stock needs at least two models besides the base, got {len(finetuned)}", str(path))
     return ModelStockConfig(base=base, finetuned=finetuned, filter_wise=bool(params.get("filter_wise", False)),
                             dtype=_dtype(cfg.get("dtype"), "dtype"), out_dtype=_dtype(cfg.get("out_dtype"), "out_dtype"),
-                            text=text, ignored=ignored)
+                            text=text, ignored=ignored, tokenizer_source=tokenizer_source, pad_to_multiple_of=pad)
+
+
+def _tokenizer(cfg: dict, source: str) -> tuple[str | None, int | None]:
+    """``tokenizer_source: base`` or ``tokenizer: {source: base, pad_to_multiple_of: N}``; the
+    base's tokenizer is the one supported (a union or another model's is token surgery)."""
+    if "tokenizer_source" in cfg and "tokenizer" in cfg:
+        raise InputError("give tokenizer_source or tokenizer, not both", source)
+    spec = cfg.get("tokenizer")
+    if spec is None:
+        spec = {"source": cfg.get("tokenizer_source")}
+    if not isinstance(spec, dict) or set(spec) - {"source", "pad_to_multiple_of"}:
+        keys = sorted(set(spec) - {"source", "pad_to_multiple_of"}) if isinstance(spec, dict) else spec
+        raise InputError(f"tokenizer: {keys!r} is not supported (token surgery); only source: base and "
+                         "pad_to_multiple_of", source)
+    if spec.get("source") not in (None, "base"):
+        raise InputError(f"tokenizer source {spec['source']!r}: only the base's tokenizer is supported", source)
+    pad = spec.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise InputError(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}", source)
+    if pad is not None and spec.get("source") is None:
+        raise InputError("tokenizer.pad_to_multiple_of needs source: base", source)
+    return spec.get("source"), pad
 
 
 def model_card(cfg: ModelStockConfig, out: Path) -> str:
@@ -125,51 +147,3 @@ def model_card(cfg: ModelStockConfig, out: Path) -> str:
             "as the base.\n\n### Models Merged\n\nThe following models were included in the merge:\n"
             f"{models}\n\n### Configuration\n\nThe following YAML configuration was used to produce this "
             f"model:\n\n```yaml\n{cfg.text.strip()}\n```\n")
-
-
-def _warn(note: str) -> None:
-    warnings.warn(note, MergeWarning, stacklevel=3)
-
-
-def run_config(config, out_path, *, cuda: bool = False, out_shard_size: str | int = "5B", copy_tokenizer: bool = True,
-               write_model_card: bool = True, force: bool = False, progress: bool = False,
-               notice: Callable[[str], None] = _warn):
-    """Run a mergekit config as ``mergekit-yaml CONFIG OUT_PATH`` would: a folder with the merged
-    weights (shards of ``out_shard_size``, mergekit's notation), the base's config and other
-    files (tokenizer included unless ``copy_tokenizer=False``), ``README.md`` (unless
-    ``write_model_card=False``) and the config as ``mergekit_config.yml``. Returns the
-    MergeReport; what the config asks that changes nothing here goes to ``notice``."""
-    from .io import folders
-    from .merging.files import merge_files
-
-    out = Path(out_path)
-    cfg = load(config)
-    if not folders.is_model_folder(cfg.base):
-        raise InputError("the base_model must be a model folder (config.json beside its weights), as "
-                         "mergekit-yaml's are", str(cfg.base))
-    if cfg.filter_wise:
-        _check_filter_wise(cfg)
-    for note in cfg.ignored:
-        notice(f"ignoring {note}")
-    shard_size = out_shard_size if isinstance(out_shard_size, int) else parse_kmb(out_shard_size)
-    extras = {"mergekit_config.yml": cfg.text.encode()}
-    if write_model_card:
-        extras["README.md"] = model_card(cfg, out).encode()
-    return merge_files(
-        cfg.base, cfg.finetuned, out, granularity="row" if cfg.filter_wise else "tensor", clamp=False,
-        out_dtype=cfg.out_dtype or cfg.dtype, shard_size=shard_size, force=force,
-        device="cuda" if cuda else "cpu", progress=progress,
-        skip_files=() if copy_tokenizer else TOKENIZER_FILES, extra_files=extras)
-
-
-def _check_filter_wise(cfg: ModelStockConfig) -> None:
-    """filter_wise reduces over the last dim in mergekit, over all but dim 0 here: the same for
-    the 1-D and 2-D tensors of transformer LMs, not for convolutions."""
-    from .io import open_checkpoint
-
-    with open_checkpoint(cfg.base) as ck:
-        for name, (_, shape) in ck.tensors().items():
-            if len(shape) > 2:
-                raise InputError(f"filter_wise on a {len(shape)}-D tensor: mergekit takes one ratio per "
-                                 "last-dim row, this package per output row (dim 0); only 1-D and 2-D "
-                                 "tensors agree", str(cfg.base), name)
