@@ -171,6 +171,15 @@ def test_cli_dcp_base_and_finetuned(saved, tmp_path):
     check_merge(out, saved, ["base", "ft_ddp", "ft_titan", "ft_nested"])
 
 
+def test_a_checkpoint_beside_a_config_gives_a_model_folder_without_its_shards(saved, tmp_path):
+    # a DCP folder with a config.json is a model folder as a base: the output is a folder with
+    # the merged weights and the config, never a copy of the checkpoint's data files
+    base = _copy(saved, "base", tmp_path)
+    (base / "config.json").write_text("{}")
+    modelstock.merge_files(base, [saved / "ft_nested", saved / "ft_titan"], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_gpu_pipeline_reads_dcp_in_pieces(saved, tmp_path, monkeypatch):
     # merge_files(device="cuda")'s reader: pieces of each tensor read from a pool of threads
     # (here 40-byte pieces, so every tensor is read in several); on the CPU without a GPU
