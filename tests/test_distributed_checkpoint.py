@@ -156,6 +156,28 @@ def test_the_model_is_read_and_nothing_else(saved):
             assert files == {".metadata", "__0_0.distcp", "__1_0.distcp"}, files
 
 
+def test_without_the_record_of_key_paths_the_known_entries_go_by_name(saved, tmp_path):
+    # a .metadata without planner_data (another planner wrote it): "model." and torchtitan's
+    # trainer entries are told apart by their names
+    order = list(net().state_dict())
+    for name in ("ft_nested", "ft_titan"):
+        folder = _copy(saved, name, tmp_path)
+        md = dcp.FileSystemReader(folder).read_metadata()
+        md.planner_data = None
+        (folder / ".metadata").write_bytes(pickle.dumps(md))
+        with open_checkpoint(folder) as ck:
+            assert sorted(ck.tensors()) == sorted(order), name
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process says so
+def test_nested_model_entries_keep_their_path_and_non_tensors_are_skipped(tmp_path):
+    sd = {"model": {"encoder": {"w": torch.ones(2)}, "head.b": torch.zeros(1), "extra": {"note": "x"}},
+          "optim": {"state": {"w": torch.ones(2)}}, "epoch": 3}
+    dcp.save(sd, checkpoint_id=tmp_path / "c", no_dist=True)
+    with open_checkpoint(tmp_path / "c") as ck:
+        assert ck.tensors() == {"encoder.w": ("float32", (2,)), "head.b": ("float32", (1,))}
+
+
 def test_merge_files_dcp_finetuned_mixed_with_safetensors(saved, tmp_path):
     out = tmp_path / "merged.safetensors"
     report = modelstock.merge_files(twin(saved, "base"), [saved / "ft_nested", saved / "ft_titan",

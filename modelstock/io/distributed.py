@@ -122,6 +122,12 @@ class _Refused(pickle.UnpicklingError):
     pass
 
 
+# Besides the metadata module's data classes and torch's Size and dtypes: where a chunk lies,
+# the layout of a tensor, and a mapping.
+_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """``.metadata`` is a pickle (``FileSystemReader.read_metadata`` loads it with plain
     ``pickle.load``, which runs whatever it names): here only the metadata's own classes and the
@@ -130,21 +136,19 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         import torch
 
-        if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
-            cls = super().find_class(module, name)
-            if isinstance(cls, type) and cls.__module__ == module:
-                return cls
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch.distributed.checkpoint.metadata":
+            value = super().find_class(module, name)
+            if isinstance(value, type) and value.__module__ == module:
+                return value
         elif module == "torch":
             value = getattr(torch, name, None)
             if value is torch.Size or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
                 return value
-        elif (module, name) == ("torch.serialization", "_get_layout"):
-            return super().find_class(module, name)
         elif module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
             # the folder it was saved to, a record only: kept as a pure path on any system
             return PureWindowsPath if "Windows" in name else PurePosixPath
-        elif (module, name) == ("collections", "OrderedDict"):
-            return super().find_class(module, name)
         raise _Refused(f"{module}.{name}")
 
 
