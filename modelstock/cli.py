@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         "merge", help="merge a pre-trained checkpoint with fine-tuned ones",
         description="Merge BASE (pre-trained) with two or more checkpoints fine-tuned from it. "
                     "Checkpoints: .safetensors, a sharded *.safetensors.index.json (or its folder), "
-                    ".pt/.pth/.bin (loaded with weights_only=True).")
+                    ".pt/.pth/.bin (loaded with weights_only=True), a torch.distributed.checkpoint "
+                    "folder (.metadata and *.distcp; the model's weights are read).")
     m.add_argument("checkpoints", nargs="+", metavar="CKPT", help="BASE FT1 FT2 [FT...]")
     m.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output file: .safetensors (streamed) or .pt; a folder when BASE is a Hugging Face "

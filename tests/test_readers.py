@@ -54,11 +54,21 @@ def build_model_folder(tmp, sd):
     return folder
 
 
+def build_distributed_checkpoint(tmp, sd):
+    # one process here (the 2-rank saves are tests/test_distributed_checkpoint.py's): the same
+    # folder layout, written by the same dcp.save
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": sd, "optimizer": {"step": 3}}, checkpoint_id=tmp / "ckpt", no_dist=True)
+    return tmp / "ckpt"
+
+
 BUILDERS = {
     "safetensors": build_safetensors,
     "torch file": build_torch_file,
     "index": build_index,
     "model folder": build_model_folder,
+    "distributed checkpoint": build_distributed_checkpoint,
 }
 
 
@@ -66,6 +76,7 @@ def test_every_registered_format_is_held_to_the_contract():
     assert {f.name for f in formats()} == set(BUILDERS)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process says so
 @pytest.mark.parametrize("fmt", list(BUILDERS))
 def test_reader_contract(tmp_path, fmt):
     sd = sample()

@@ -21,7 +21,7 @@ TORCH_WEIGHTS = "pytorch_model.bin"  # the weights of folders transformers 4 sav
 DEFAULT_SHARD_SIZE = "50GB"
 # what a folder holds as weights, in any format: never copied from the base
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt",
-                    ".h5", ".msgpack", ".gguf")
+                    ".h5", ".msgpack", ".gguf", ".distcp")
 
 
 def is_model_folder(path) -> bool:

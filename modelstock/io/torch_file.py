@@ -16,6 +16,8 @@ from .atomic import AtomicFile, Sink
 from .source import TensorSource
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# The entries training scripts keep the model's state dict under, in the order they are tried.
+MODEL_KEYS = ("state_dict", "model")
 
 
 class TorchFile(TensorSource):
@@ -60,7 +62,7 @@ def unwrap_state_dict(obj, source: str) -> dict:
     from torch import Tensor
 
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in MODEL_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
                 obj = inner

@@ -72,10 +72,11 @@ def merge_files(
 ) -> MergeReport:
     """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
 
-    Inputs may be safetensors files, sharded safetensors (index or folder) or torch files; the
+    Inputs may be safetensors files, sharded safetensors (index or folder), torch files or
+    ``torch.distributed.checkpoint`` folders (the model's weights, a tensor at a time); the
     options are :func:`modelstock.merge`'s (dtypes as torch dtypes or names, "bfloat16").
     The arithmetic runs on numpy (``modelstock/backends/numpy_ops.py``): torch is imported only
-    for torch-format files. ``shard_size`` (bytes, or "2GB") splits a safetensors output into
+    for torch-format files and distributed checkpoints. ``shard_size`` (bytes, or "2GB") splits a safetensors output into
     shards with an index. The output keeps the base's metadata and records the merge's.
     When the base is a Hugging Face model folder (``config.json`` beside its weights), ``out``
     is a folder laid out like the base's: ``model.safetensors`` (or shards of ``shard_size``,
