@@ -132,9 +132,7 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     ready: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_chunks, args=(inputs, layers, chunks, host_in, free_in, ready), daemon=True)
     reader.start()
-    # the file's plan decided which layers are excluded: each chunk's merge gets their names
-    excluded = tuple(glob.escape(layer.name) for layer in layers if layer.kind == "average")
-    merge_options = dict(granularity=options.granularity, exclude=excluded, eps=options.eps,
+    merge_options = dict(granularity=options.granularity, eps=options.eps,
                          clamp=options.clamp, backend=options.backend, compute_dtype=options.torch_compute_dtype,
                          int_tensors=options.int_tensors, missing=options.missing)
     try:
@@ -182,7 +180,9 @@ def _merge_chunk(chunk: _Chunk, layers, out_dtypes, dev_in, dev_out, sources, op
             ft[name] = v
         targets[layer.name] = _view(dev_out, out_span, out_dtypes[i], layer.shape)
     part = MergeReport()
-    InPlaceMerge([targets], base, fts, sources=sources, **options)(part)
+    # the file's plan decided which layers are excluded: the chunk's merge gets their names
+    excluded = [glob.escape(layers[i].name) for i in chunk.layers if layers[i].kind == "average"]
+    InPlaceMerge([targets], base, fts, sources=sources, exclude=excluded, **options)(part)
     return part.layers
 
 
