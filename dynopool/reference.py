@@ -29,6 +29,9 @@ def check_shapes(x: Tensor, alpha: Tensor, delta: Tensor) -> None:
     """Clear errors for bad shapes and devices: no device-to-host read, so free per call."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        # bilinear sampling of integers would be truncated back to integers (2.9999995 -> 2)
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}: convert it first (x.float())")
     if x.shape[-2] < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty spatial size, got {tuple(x.shape)}")
     if alpha.numel() != 2 or delta.numel() != 2:
@@ -54,9 +57,13 @@ def check_values(alpha, delta) -> None:
         raise ValueError(f"delta (the query spread) must be finite, got {list(delta)}")
 
 
-def output_size(size: int, alpha: float) -> int:
-    """max(1, round(size / alpha)), rounding half to even like torch.round."""
-    return max(1, round(size / alpha))  # Python's round: half to even, in float64
+def output_size(size: int, alpha: float, offset: float | None = None) -> int:
+    """max(1, round(size / alpha)), rounding half to even like torch.round; with an ``offset``
+    b, max(1, floor(size / alpha + b)): the rule of a layer that replaced a down-sampling
+    site keeps that site's sizes at alpha = 2 (b = 0: floor(H / 2), b = 1/2: ceil(H / 2))."""
+    if offset is None:
+        return max(1, round(size / alpha))  # Python's round: half to even, in float64
+    return max(1, math.floor(size / alpha + offset))
 
 
 def straight_through_size(size: int, alpha: Tensor, out: int) -> Tensor:
