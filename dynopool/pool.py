@@ -217,6 +217,8 @@ class DynOPool2d(nn.Module):
     def size_rule(self) -> str:
         if self.size_offset is None:
             return "round(H / alpha)"
+        if self.size_offset[0] == self.size_offset[1]:
+            return _rule(self.size_offset[0], "H") + " (W alike)"
         return ", ".join(_rule(b, axis) for b, axis in zip(self.size_offset, "HW"))
 
     def extra_repr(self) -> str:
