@@ -123,16 +123,48 @@ def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, size: tuple[int, int] | 
         return sample_max(x, h_out, w_out, size_hat, delta)
 
 
+def interleaved_queries(h: int, w: int, h_out: int, w_out: int, size_hat: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """The query rows (2 h_out) and columns (2 w_out), interleaved (row 2i + k, column 2j + l),
+    so each cell's 4 queries form a 2 x 2 window of the query grid and the max over them is a
+    stride-2 max pooling of that grid."""
+    return (queries(h, h_out, size_hat[0], delta[0]).T.reshape(-1),
+            queries(w, w_out, size_hat[1], delta[1]).T.reshape(-1))
+
+
+def fixed_taps(h: int, w: int, alpha: Tensor, delta: Tensor, size: tuple[int, int]) -> tuple[Tensor, ...]:
+    """The taps (y0, y1, wy, u0, u1, wu) of every interleaved query row and column, for an
+    input of h x w, output ``size`` and parameter values that no longer change: the same
+    coordinates ``dynopool2d`` computes per call (fp32), as constants."""
+    with torch.no_grad():
+        alpha, delta = alpha.detach().to(torch.float32), delta.detach().to(torch.float32)
+        size_hat = torch.stack([straight_through_size(h, alpha[0], size[0]), straight_through_size(w, alpha[1], size[1])])
+        yq, xq = interleaved_queries(h, w, size[0], size[1], size_hat, delta)
+        return _taps(yq, h) + _taps(xq, w)
+
+
+def sample_max_fixed(x: Tensor, y0: Tensor, y1: Tensor, wy: Tensor, u0: Tensor, u1: Tensor, wu: Tensor) -> Tensor:
+    """The operator at constant taps (``fixed_taps``): each query column and row is the
+    bilinear mix of its two taps, gathered (constant indices), and each cell keeps the max of
+    its 2 x 2 queries with ``sample_max``'s tie order. Only gathers, arithmetic and a max
+    pooling: a static graph that torch.export, ONNX and TorchScript take as it is. Computed
+    in fp32 (fp64 for fp64 inputs), returned in x's dtype; equal to ``dynopool2d`` within
+    fp32 rounding (the CPU path mixes the columns by a matrix product instead)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute)
+    c0 = xc.index_select(3, u0)
+    cols = c0 + (xc.index_select(3, u1) - c0) * wu.to(compute)
+    r0 = cols.index_select(2, y0)
+    q = r0 + (cols.index_select(2, y1) - r0) * wy.to(compute)[:, None]
+    return torch.nn.functional.max_pool2d(q, 2).to(x.dtype)
+
+
 def sample_max(x: Tensor, h_out: int, w_out: int, size_hat: Tensor, delta: Tensor) -> Tensor:
     """The operator for given output sizes and (continuous) cell-count ``size_hat`` (2,):
     ``dynopool2d`` is this at the straight-through sizes; tests differentiate it in size_hat."""
     n, c, h, w = x.shape
     compute = size_hat.dtype
-    yq = queries(h, h_out, size_hat[0], delta[0])
-    xq = queries(w, w_out, size_hat[1], delta[1])
-    # Query rows and columns interleaved (row 2i + k, column 2j + l), so each cell's 4 queries
-    # form a 2 x 2 window of q and the max over them is a stride-2 max pooling of q.
-    out = _SeparableMax.apply(x.to(compute).reshape(n * c, h, w), yq.T.reshape(-1), xq.T.reshape(-1))
+    yq, xq = interleaved_queries(h, w, h_out, w_out, size_hat, delta)
+    out = _SeparableMax.apply(x.to(compute).reshape(n * c, h, w), yq, xq)
     out = out.view(n, c, h_out, w_out)
     out = out.to(x.dtype)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
