@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .pool import DynOPool2d, output_sizes
+from .probe import example_tensor, run
 from .reference import straight_through_size
 
 
@@ -67,19 +68,7 @@ class _Trace:
                 handles.append(m.register_forward_hook(tag_pool))
             elif isinstance(m, (nn.Conv2d, nn.Linear)):
                 handles.append(m.register_forward_hook(count))
-        param = next(model.parameters(), None)
-        x = torch.zeros(input_shape, device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
-                        requires_grad=True)
-        training = model.training
-        try:
-            model.eval()  # no running-statistics updates from this probe
-            with torch.enable_grad():
-                model(x)
-        finally:
-            model.train(training)
-            for h in handles:
-                h.remove()
+        run(model, example_tensor(model, input_shape, requires_grad=True), handles, grad=True)
         self.sizes = self.current_sizes()
 
     def current_sizes(self) -> dict:

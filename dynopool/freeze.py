@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import probe, reference
 from .pool import DynOPool2d, _read_values, remove_read_sizes_once
 
 
@@ -94,19 +94,7 @@ def _input_sizes(model: nn.Module, layers, example_input) -> dict:
             raise ValueError("freeze: some DynOPool2d has not seen an input yet; pass example_input "
                              "(a tensor or a shape of the size to deploy at)")
         return {m: {m._last_input} for m in layers}
-    if not isinstance(example_input, Tensor):
-        param = next(model.parameters(), None)
-        example_input = torch.zeros(tuple(example_input), device=param.device if param is not None else None,
-                                    dtype=param.dtype if param is not None and param.is_floating_point() else None)
     sizes = {m: set() for m in layers}
     handles = [m.register_forward_pre_hook(lambda m, args: sizes[m].add(tuple(args[0].shape[-2:]))) for m in layers]
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    probe.run(model, probe.example_tensor(model, example_input), handles)
     return sizes

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .cost import _layer_macs
+from . import probe
 from .pool import DynOPool2d, read_sizes_once, remove_read_sizes_once
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
@@ -126,39 +127,25 @@ def replace_pooling(model: nn.Module, example_input=None, *, delta: float = 0.25
     places = _places(model)
     sites, report.left = _find_sites(model, places, tuple(exclude), x)
 
-    training = model.training
-    model.eval()
+    before = _probe(model, x, sites)
     try:
-        before = _probe(model, x, sites)
-        try:
-            before_odd = _probe(model, odd, sites)
-        except Exception:  # noqa: BLE001 - the original does not take that size: nothing to keep there
-            before_odd, report.odd_size = None, None
-        report.macs_original = before.macs
-        sites = [s for s in sites if s.module in before.site_inputs]  # never called: nothing to replace
-        _build(sites, before, before_odd, delta, learn_alpha, learn_delta, alpha_range, delta_range)
-        _install(model, places, sites)
-        try:
-            _check_shapes(model, x, before, "the example size")
-            if before_odd is not None:
-                _check_shapes(model, odd, before_odd, f"{_hw(odd.shape[-2:])}")
-            if learn_alpha and alpha_range[0] < alpha_range[1]:
-                moved = _check_alpha_moves(model, x, sites, alpha_range)
-                for s in sites:
-                    if s.pool_module in moved:
-                        report.left.append((s.name, f"its level's alpha cannot move: {moved[s.pool_module]}"))
-                kept = [s for s in sites if s.pool_module not in moved]
-                if moved:
-                    _uninstall(model, places, [s for s in sites if s.pool_module in moved])
-                    sites = kept
-                    if sites:
-                        _check_alpha_moves(model, x, sites, alpha_range, diagnose=False)
-            after = _probe(model, x, [])
-        except Exception:
-            _uninstall(model, places, sites)
-            raise
-    finally:
-        model.train(training)
+        before_odd = _probe(model, odd, sites)
+    except Exception:  # noqa: BLE001 - the original does not take that size: nothing to keep there
+        before_odd, report.odd_size = None, None
+    report.macs_original = before.macs
+    sites = [s for s in sites if s.module in before.site_inputs]  # never called: nothing to replace
+    _build(sites, before, before_odd, delta, learn_alpha, learn_delta, alpha_range, delta_range)
+    _install(model, places, sites)
+    try:
+        _check_shapes(model, x, before, "the example size")
+        if before_odd is not None:
+            _check_shapes(model, odd, before_odd, f"{_hw(odd.shape[-2:])}")
+        if learn_alpha and alpha_range[0] < alpha_range[1]:
+            sites = _keep_levels_that_move(model, places, sites, x, alpha_range, report)
+        after = _probe(model, x, [])
+    except Exception:
+        _uninstall(model, places, sites)
+        raise
 
     report.macs_at_init = after.macs
     _describe(report, model, sites, before)
@@ -190,17 +177,12 @@ class _Site:
 
 
 def _example(model: nn.Module, example_input) -> Tensor:
-    if isinstance(example_input, Tensor):
-        return example_input
-    param = next(model.parameters(), None)
-    like = dict(device=param.device if param is not None else None,
-                dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
     if example_input is not None:
-        return torch.zeros(tuple(example_input), **like)
+        return probe.example_tensor(model, example_input)
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
         raise ValueError("replace_pooling: no Conv2d to infer the input channels from; pass example_input")
-    return torch.zeros(1, conv.in_channels, 224, 224, **like)
+    return probe.example_tensor(model, (1, conv.in_channels, 224, 224))
 
 
 def _odd(n: int) -> int:
@@ -360,13 +342,7 @@ def _probe(model: nn.Module, x: Tensor, sites) -> _Record:
             rec.site_inputs[module] = tuple(args[0].shape[-2:])
             rec.site_outputs[module] = tuple(output.shape[-2:])
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    probe.run(model, x, [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()])
     return rec
 
 
@@ -406,6 +382,21 @@ def _uninstall(model, places, sites) -> None:
             setattr(parent, attr, s.module)
 
 
+def _keep_levels_that_move(model, places, sites, x, alpha_range, report) -> list:
+    """The sites whose level's alpha can move; the others are put back and reported as left."""
+    stuck = _check_alpha_moves(model, x, sites, alpha_range)
+    if not stuck:
+        return sites
+    for s in sites:
+        if s.pool_module in stuck:
+            report.left.append((s.name, f"its level's alpha cannot move: {stuck[s.pool_module]}"))
+    _uninstall(model, places, [s for s in sites if s.pool_module in stuck])
+    kept = [s for s in sites if s.pool_module not in stuck]
+    if kept:
+        _check_alpha_moves(model, x, kept, alpha_range, diagnose=False)
+    return kept
+
+
 def _check_alpha_moves(model, x, sites, alpha_range, diagnose=True) -> dict:
     """Run the model with every level's alpha moved, each to its own values; where that fails,
     find (one level at a time) the levels whose alpha cannot move. Returns {pool: why}."""
@@ -420,8 +411,7 @@ def _check_alpha_moves(model, x, sites, alpha_range, diagnose=True) -> dict:
             for i, p in enumerate(pools):
                 p.alpha.copy_(moved(i) if p in which else torch.tensor([2.0, 2.0]))
         try:
-            with torch.no_grad():
-                model(x)
+            probe.run(model, x)
             return None
         except Exception as e:  # noqa: BLE001 - any failure means this alpha cannot move
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
