@@ -11,7 +11,7 @@ from .cost import ComputeCostLoss, count_macs
 from .freeze import FrozenDynOPool2d, freeze
 from .pool import DynOPool2d, dynopool2d, plan_sizes, read_sizes_once
 from .surgery import SurgeryReport, replace_pooling
-from .training import param_groups
+from .training import param_groups, split_parameters
 
 __all__ = ["DynOPool2d", "dynopool2d", "count_macs", "ComputeCostLoss", "replace_pooling", "SurgeryReport",
-           "plan_sizes", "read_sizes_once", "param_groups", "freeze", "FrozenDynOPool2d"]
+           "plan_sizes", "read_sizes_once", "param_groups", "split_parameters", "freeze", "FrozenDynOPool2d"]
