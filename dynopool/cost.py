@@ -160,7 +160,7 @@ class ComputeCostLoss(nn.Module):
         ratio = cost / self.budget
         if not self._warned and float(ratio.detach()) > 1 and self._all_held():
             self._warned = True
-            warnings.warn(f"ComputeCostLoss: the cost is {float(ratio.detach()):.2f}x the budget and every DynOPool "
+            warnings.warn(f"ComputeCostLoss: the cost is {float(ratio.detach()):.3f}x the budget and every DynOPool "
                           f"feeds a map of {self.min_size} cells or fewer: the budget cannot be met at "
                           f"{self.input_shape} without smaller maps (min_size=0 allows them)", stacklevel=2)
         return self.weight * (torch.relu(ratio - 1) + torch.relu(self.floor - ratio))
