@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from .cost import _layer_macs
 from . import probe
-from .pool import DynOPool2d, read_sizes_once, remove_read_sizes_once
+from .pool import DynOPool2d, read_sizes_once
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 
@@ -151,8 +151,6 @@ def replace_pooling(model: nn.Module, example_input=None, *, delta: float = 0.25
     _describe(report, model, sites, before)
     if report.sites:
         read_sizes_once(model)
-    else:
-        remove_read_sizes_once(model)
     failed = [(n, why) for n, why in report.left if why.startswith("its level")]
     if failed and not report.sites:
         raise ValueError("replace_pooling: no site can take a DynOPool2d whose alpha moves:\n"

@@ -226,3 +226,12 @@ def test_a_network_whose_sizes_cannot_move_is_refused_and_restored():
     assert all(not p.alpha.requires_grad and p.delta.requires_grad for p in pools(tower))
     with torch.no_grad():
         assert tower(x).shape == before.shape
+
+
+def test_a_second_surgery_finds_nothing_and_keeps_the_first(resnet18_surgery):
+    _, model, _ = resnet18_surgery
+    again = replace_pooling(copy.deepcopy(model), (1, 3, 64, 64))
+    assert len(again.sites) == 0 and not again.pools
+    twice = copy.deepcopy(model)
+    replace_pooling(twice, (1, 3, 64, 64))
+    assert len(twice._forward_pre_hooks) == 1 and len(pools(twice)) == 4  # the one size read per forward stays
