@@ -107,6 +107,14 @@ STATIC_GRAPH_ERROR = (
     "(README, DynOPool: deployment)")
 
 
+def _disabled_for_graphs(fn):
+    """torch.compiler.disable, with the reason a fullgraph compile reports (torch >= 2.7 takes it)."""
+    try:
+        return torch.compiler.disable(reason=STATIC_GRAPH_ERROR)(fn)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
 def _in_static_graph() -> bool:
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return torch.jit.is_tracing() or exporting() or torch.onnx.is_in_onnx_export()
@@ -189,7 +197,7 @@ class DynOPool2d(nn.Module):
                 self._plan = (plan[0], plan[1], False)
         return _pool(x, self.alpha, self.delta, self.backend, plan[1])
 
-    @torch.compiler.disable(reason=STATIC_GRAPH_ERROR)  # a host read: one graph break, only where no plan was made
+    @_disabled_for_graphs  # a host read: one graph break, only where no plan was made
     def _read_plan(self, hw) -> tuple:
         return self._make_plan(hw, _read_values([self])[0])
 
@@ -244,7 +252,7 @@ def _read_values(layers) -> list[list[float]]:
     return [flat[4 * i: 4 * i + 4] for i in range(len(layers))]
 
 
-@torch.compiler.disable(reason=STATIC_GRAPH_ERROR)  # the one host read per model forward: a graph break at the model's start
+@_disabled_for_graphs  # the one host read per model forward: a graph break at the model's start
 def plan_sizes(model: nn.Module) -> None:
     """Read every DynOPool2d's alpha and delta in ``model`` in one copy and plan each layer's
     output size for an input of the size it saw last. A layer without a plan for its input
