@@ -13,10 +13,13 @@ residual block's shortcut (which bypasses the block's pooling) is not scaled by 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from .pool import DynOPool2d, output_sizes
+from .probe import example_tensor, run
 from .reference import straight_through_size
 
 
@@ -46,7 +49,7 @@ class _Trace:
     and each DynOPool's input size."""
 
     def __init__(self, model: nn.Module, input_shape):
-        self.layers: list[tuple[int, frozenset]] = []
+        self.layers: list[tuple[int, frozenset, tuple | None]] = []  # MACs, DynOPools upstream, conv output size
         self.pool_inputs: dict[DynOPool2d, tuple[int, int]] = {}
         tags: dict[int, DynOPool2d] = {}
         keep = []
@@ -59,7 +62,8 @@ class _Trace:
             return output * leaf
 
         def count(module, inputs, output):
-            self.layers.append((_layer_macs(module, output), _upstream(inputs[0], tags)))
+            hw = tuple(output.shape[-2:]) if isinstance(module, nn.Conv2d) else None
+            self.layers.append((_layer_macs(module, output), _upstream(inputs[0], tags), hw))
 
         handles = []
         for m in model.modules():
@@ -67,19 +71,7 @@ class _Trace:
                 handles.append(m.register_forward_hook(tag_pool))
             elif isinstance(m, (nn.Conv2d, nn.Linear)):
                 handles.append(m.register_forward_hook(count))
-        param = next(model.parameters(), None)
-        x = torch.zeros(input_shape, device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
-                        requires_grad=True)
-        training = model.training
-        try:
-            model.eval()  # no running-statistics updates from this probe
-            with torch.enable_grad():
-                model(x)
-        finally:
-            model.train(training)
-            for h in handles:
-                h.remove()
+        run(model, example_tensor(model, input_shape, requires_grad=True), handles, grad=True)
         self.sizes = self.current_sizes()
 
     def current_sizes(self) -> dict:
@@ -90,15 +82,28 @@ class _Trace:
     def stale(self) -> bool:
         return self.current_sizes() != self.sizes
 
-    def cost(self) -> Tensor:
+    def held(self, min_size: int) -> set:
+        """(DynOPool, axis) pairs upstream of a conv whose map is ``min_size`` cells or fewer
+        along that axis."""
+        return {(p, axis) for _, ups, hw in self.layers if hw is not None
+                for axis in (0, 1) if hw[axis] <= min_size for p in ups}
+
+    def cost(self, min_size: int = 0) -> Tensor:
+        """The MACs, differentiable in every alpha. With ``min_size``, an alpha (per axis) gets no
+        gradient from the cost once a conv downstream of its DynOPool works on a map of
+        ``min_size`` or fewer cells along that axis: the cost stops squeezing a map that small
+        (the value is the same)."""
+        held = self.held(min_size)
         factors = {}
-        for p, (h, w) in self.pool_inputs.items():
-            h_out, w_out = self.sizes[p]
-            h_hat = straight_through_size(h, p.alpha[0].double(), h_out)
-            w_hat = straight_through_size(w, p.alpha[1].double(), w_out)
-            factors[p] = h_hat * w_hat / (h_out * w_out)
+        for p, hw in self.pool_inputs.items():
+            factor = torch.ones((), dtype=torch.float64)
+            for axis in (0, 1):
+                out = self.sizes[p][axis]
+                size_hat = out if (p, axis) in held else straight_through_size(hw[axis], p.alpha[axis].double(), out)
+                factor = factor * size_hat / out
+            factors[p] = factor
         total = torch.zeros((), dtype=torch.float64)
-        for macs, ups in self.layers:
+        for macs, ups, _ in self.layers:
             scale = torch.ones((), dtype=torch.float64)
             for p in ups:
                 scale = scale * factors[p].to(scale.device)
@@ -114,25 +119,52 @@ def count_macs(model: nn.Module, input_shape) -> Tensor:
 
 
 class ComputeCostLoss(nn.Module):
-    """The cost term added to the task loss: ``weight * relu(cost / budget - 1)`` with a budget
-    (MACs), ``weight * cost / cost_at_init`` without. The layer structure is traced once and
-    again only when some DynOPool's integer output size changes."""
+    """The cost term added to the task loss. With a budget (MACs): ``weight * relu(cost / budget
+    - 1)``, plus ``weight * relu(floor - cost / budget)`` with a ``floor`` (a fraction of the
+    budget below which the cost is pushed back up; default 0, the spec's one-sided hinge).
+    Without one: ``weight * cost / cost_at_init``. The layer structure is traced once and again
+    only when some DynOPool's integer output size changes.
 
-    def __init__(self, model: nn.Module, input_shape, budget: float | None = None, weight: float = 1.0):
+    ``min_size`` (default 2): the cost stops pushing an alpha (per axis) once a convolution
+    downstream of its layer works on a map of that many cells or fewer along that axis, so the
+    budget never squeezes a map below it (the task loss still may; 0: no such floor). Over
+    budget with every alpha held that way, the budget cannot be met at that input size: a
+    warning says so (once).
+
+    The recipe that lands within 10% of the budget (README, DynOPool: training to a budget):
+    ``weight=10, floor=0.9`` and the pooling parameters stepped by their own
+    ``torch.optim.Adam(pools, lr=0.01, betas=(0.0, 0.999))`` (``split_parameters``)."""
+
+    def __init__(self, model: nn.Module, input_shape, budget: float | None = None, weight: float = 1.0,
+                 min_size: int = 2, floor: float = 0.0):
         super().__init__()
         if budget is not None and not budget > 0:
             raise ValueError(f"budget must be a positive number of MACs, got {budget!r}")
+        if not 0 <= floor < 1:
+            raise ValueError(f"floor must be a fraction of the budget in [0, 1), got {floor!r}")
         self.model, self.input_shape, self.budget, self.weight = [model], tuple(input_shape), budget, weight
+        self.min_size, self.floor = min_size, floor
         self._trace = _Trace(model, self.input_shape)
         self.cost_at_init = float(self._trace.cost().detach())
+        self._warned = False
 
     def cost(self) -> Tensor:
         if self._trace.stale():
             self._trace = _Trace(self.model[0], self.input_shape)
-        return self._trace.cost()
+        return self._trace.cost(self.min_size)
 
     def forward(self) -> Tensor:
         cost = self.cost()
         if self.budget is None:
             return self.weight * cost / self.cost_at_init
-        return self.weight * torch.relu(cost / self.budget - 1)
+        ratio = cost / self.budget
+        if not self._warned and float(ratio.detach()) > 1 and self._all_held():
+            self._warned = True
+            warnings.warn(f"ComputeCostLoss: the cost is {float(ratio.detach()):.3f}x the budget and every DynOPool "
+                          f"feeds a map of {self.min_size} cells or fewer: the budget cannot be met at "
+                          f"{self.input_shape} without smaller maps (min_size=0 allows them)", stacklevel=2)
+        return self.weight * (torch.relu(ratio - 1) + torch.relu(self.floor - ratio))
+
+    def _all_held(self) -> bool:
+        trace = self._trace
+        return {(p, axis) for p in trace.pool_inputs for axis in (0, 1)} <= trace.held(self.min_size)

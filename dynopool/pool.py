@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import operator
 import os
 
 import torch
@@ -22,28 +23,43 @@ BACKENDS = ("auto", "torch", "triton")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, *, backend: str = "auto",
+def dynopool2d(x: Tensor, alpha, delta, *, backend: str = "auto",
                output_size: tuple[int, int] | None = None) -> Tensor:
     """DynOPool: learnable output size (``alpha`` = inverse scale per axis, (h, w)) and query
     spread (``delta``, in output cells), by bilinear sampling and a max over 4 queries per
     cell. Differentiable in x, alpha and delta; ``alpha`` gets the straight-through gradient
     of the output size. See ``shared/spec/dynopool.md``.
 
-    ``output_size``: (h_out, w_out) if the caller knows it (it must equal
-    ``reference.output_size`` of alpha's value); without it, alpha and delta are read to the
-    host and checked (alpha finite and > 0, delta finite) on every call."""
+    ``alpha`` and ``delta``: tensors of 2 values (h, w), or numbers or pairs (constants, as
+    ``DynOPool2d`` takes them). ``x``: floating point.
+    ``output_size``: (h_out, w_out) if the caller knows it (``reference.output_size`` of
+    alpha's value, or a ``DynOPool2d``'s size rule); without it, alpha and delta are read to
+    the host and checked (alpha finite and > 0, delta finite) on every call. With it they are
+    checked where that reads nothing from a device: when they are on the host."""
+    alpha, delta = _as_values(alpha, x, "alpha"), _as_values(delta, x, "delta")
     if output_size is None:
         return _read_size_and_pool(x, alpha, delta, backend)
+    size = _size_pair(output_size)
+    reference.check_shapes(x, alpha, delta)
+    if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
+        values = torch.cat([alpha.detach().reshape(2), delta.detach().reshape(2)]).tolist()
+        reference.check_values(values[:2], values[2:])
+    return _pool(x, alpha, delta, backend, size)
+
+
+def _pool(x: Tensor, alpha: Tensor, delta: Tensor, backend: str, size: tuple[int, int]) -> Tensor:
+    """The dispatch, for checked inputs and a known output size."""
     if resolve_backend(backend, x) == "triton":
-        return triton_pool.dynopool2d(x, alpha, delta, *output_size)
-    return _reference(x, alpha, delta, output_size)
+        return triton_pool.dynopool2d(x, alpha, delta, *size)
+    return _reference(x, alpha, delta, size)
 
 
 # A host read cannot be traced: under torch.compile these are one graph break each, and the
 # compiled regions around them recompile when a rounded size changes.
 @torch.compiler.disable
 def _read_size_and_pool(x: Tensor, alpha: Tensor, delta: Tensor, backend: str) -> Tensor:
-    return dynopool2d(x, alpha, delta, backend=backend, output_size=reference.check_inputs(x, alpha, delta))
+    resolve_backend(backend, x)  # a bad name is an error before anything is read
+    return _pool(x, alpha, delta, backend, reference.check_inputs(x, alpha, delta))
 
 
 # The reference is the spec made executable (index_put_ with data-dependent taps, autograd
@@ -51,6 +67,23 @@ def _read_size_and_pool(x: Tensor, alpha: Tensor, delta: Tensor, backend: str) -
 @torch.compiler.disable
 def _reference(x: Tensor, alpha: Tensor, delta: Tensor, size: tuple[int, int]) -> Tensor:
     return reference.dynopool2d(x, alpha, delta, size)
+
+
+def _as_values(v, x: Tensor, name: str) -> Tensor:
+    """A tensor as it is; a number or a pair as an fp32 (2,) tensor on x's device."""
+    if isinstance(v, Tensor):
+        return v
+    return _pair(v, name).to(x.device if isinstance(x, Tensor) else None)
+
+
+def _size_pair(size) -> tuple[int, int]:
+    try:
+        h, w = (operator.index(v) for v in size)
+        if isinstance(size, (str, bytes)) or h < 1 or w < 1 or any(isinstance(v, bool) for v in size):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"output_size must be two integers >= 1 (h_out, w_out), got {size!r}") from None
+    return h, w
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
@@ -67,6 +100,32 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return "triton"
 
 
+STATIC_GRAPH_ERROR = (
+    "DynOPool2d takes its output size from alpha's value at run time, which a static graph "
+    "(torch.export, ONNX, TorchScript, compile(fullgraph=True)) cannot hold: freeze the trained model "
+    "first, frozen = dynopool.freeze(model, example_input), and export, trace or script `frozen` "
+    "(README, DynOPool: deployment)")
+
+
+def _disabled_for_graphs(fn):
+    """torch.compiler.disable, with the reason a fullgraph compile reports (torch >= 2.7 takes it)."""
+    try:
+        return torch.compiler.disable(reason=STATIC_GRAPH_ERROR)(fn)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
+def _in_static_graph() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or exporting() or torch.onnx.is_in_onnx_export()
+
+
+def refuse_static_graph() -> None:
+    """One clear error where a static graph is being made of a layer whose size is dynamic."""
+    if _in_static_graph():
+        raise RuntimeError(STATIC_GRAPH_ERROR)
+
+
 class DynOPool2d(nn.Module):
     """Pooling with a learned output size and receptive field (Jang et al., CVPR 2022).
 
@@ -74,21 +133,31 @@ class DynOPool2d(nn.Module):
     stride-2 pooling, values below 1 upsample. ``delta`` is half the spread of the 4 query
     points of each output cell, in cells (0.25 with alpha 2 is exactly 2x2 max pooling).
 
+    Output size per axis: max(1, round(H / alpha)) (half to even), or with ``size_offset`` b
+    (a number or a pair (b_h, b_w)) max(1, floor(H / alpha + b)): ``replace_pooling`` gives
+    each layer the rule of the site it replaced (b = 0 keeps a 2x2 pool's floor(H / 2) at
+    alpha 2, b = 1/2 a padded stride-2 conv's ceil(H / 2)). The gradient is that of H / alpha
+    either way.
+
     Valid range: before each forward the layer projects its parameters onto
     ``alpha_range`` (per axis; the lower bound caps the upsampling, every alpha > 0 gives an
     output of at least 1 cell) and ``delta_range``, in place and without a gradient, so any
     optimizer step that leaves them finite is safe, and the value stored is the value used
     (projected gradient descent). A non-finite alpha or delta (a diverged run) is an error.
+
+    Deployment: the output size is read from alpha at run time, so the layer has no static
+    graph; ``dynopool.freeze`` turns it into one with constant sizes (``FrozenDynOPool2d``).
     """
 
     def __init__(self, alpha=2.0, delta=0.25, learn_alpha: bool = True, learn_delta: bool = True,
-                 backend: str = "auto", alpha_range=(0.25, 64.0), delta_range=(0.0, 1.0)):
+                 backend: str = "auto", alpha_range=(0.25, 64.0), delta_range=(0.0, 1.0), size_offset=None):
         super().__init__()
         self.alpha = nn.Parameter(_pair(alpha, "alpha"), requires_grad=learn_alpha)
         self.delta = nn.Parameter(_pair(delta, "delta"), requires_grad=learn_delta)
         self.backend = backend
         self.alpha_range = _bounds(alpha_range, "alpha_range", positive=True)
         self.delta_range = _bounds(delta_range, "delta_range")
+        self.size_offset = _offsets(size_offset)
         values = self.alpha.tolist() + self.delta.tolist()
         reference.check_values(values[:2], values[2:])
         for name, v, (lo, hi) in (("alpha", values[:2], self.alpha_range), ("delta", values[2:], self.delta_range)):
@@ -99,7 +168,18 @@ class DynOPool2d(nn.Module):
         self._plan = None
         self._last_input = None  # (H, W) of the last input, for the next plan
 
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:  # here, not at the first forward
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
     def forward(self, x: Tensor) -> Tensor:
+        refuse_static_graph()
         hw = (x.shape[-2], x.shape[-1])
         if self._last_input != hw:
             self._last_input = hw
@@ -115,34 +195,55 @@ class DynOPool2d(nn.Module):
             # (without a model's plan, the second call reads the projected values itself)
             if self._plan is plan:
                 self._plan = (plan[0], plan[1], False)
-        return dynopool2d(x, self.alpha, self.delta, backend=self.backend, output_size=plan[1])
+        return _pool(x, self.alpha, self.delta, self.backend, plan[1])
 
-    @torch.compiler.disable  # a host read: one graph break, only where no plan was made
+    @_disabled_for_graphs  # a host read: one graph break, only where no plan was made
     def _read_plan(self, hw) -> tuple:
         return self._make_plan(hw, _read_values([self])[0])
 
     def _make_plan(self, hw, values) -> tuple:
         """The plan for an input of size hw from host values (alpha_h, alpha_w, delta_h, delta_w)
         read before any projection."""
+        a_used, d_used = self._project(values)
+        b = self.size_offset or (None, None)
+        size = (reference.output_size(hw[0], a_used[0], b[0]), reference.output_size(hw[1], a_used[1], b[1]))
+        return hw, size, a_used + d_used != list(values)
+
+    def _project(self, values) -> tuple[list[float], list[float]]:
+        """(alpha, delta) as a forward uses them: host values projected onto the ranges."""
         a, d = values[:2], values[2:]
         if not all(map(math.isfinite, values)):
             raise ValueError(f"DynOPool2d parameters are not finite (alpha {a}, delta {d}): the "
                              "training has diverged (see the README for learning rates that train)")
-        a_used = [min(max(v, self.alpha_range[0]), self.alpha_range[1]) for v in a]
-        d_used = [min(max(v, self.delta_range[0]), self.delta_range[1]) for v in d]
-        size = (reference.output_size(hw[0], a_used[0]), reference.output_size(hw[1], a_used[1]))
-        return hw, size, a_used != a or d_used != d
+        return ([min(max(v, self.alpha_range[0]), self.alpha_range[1]) for v in a],
+                [min(max(v, self.delta_range[0]), self.delta_range[1]) for v in d])
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """The output size for an h x w input at the current (projected) alpha."""
         return self._read_plan((h, w))[1]
 
+    def size_rule(self) -> str:
+        if self.size_offset is None:
+            return "round(H / alpha)"
+        if self.size_offset[0] == self.size_offset[1]:
+            return _rule(self.size_offset[0], "H") + " (W alike)"
+        return ", ".join(_rule(b, axis) for b, axis in zip(self.size_offset, "HW"))
+
     def extra_repr(self) -> str:
         a, d = self.alpha.detach().cpu().tolist(), self.delta.detach().cpu().tolist()
         return (f"alpha=({a[0]:.3f}, {a[1]:.3f}), scale=({1 / a[0]:.3f}, {1 / a[1]:.3f}), "
-                f"delta=({d[0]:.3f}, {d[1]:.3f}), learn_alpha={self.alpha.requires_grad}, "
+                f"delta=({d[0]:.3f}, {d[1]:.3f}), size={self.size_rule()}, learn_alpha={self.alpha.requires_grad}, "
                 f"learn_delta={self.delta.requires_grad}, alpha_range={self.alpha_range}, "
                 f"delta_range={self.delta_range}")
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this first
+        raise RuntimeError(STATIC_GRAPH_ERROR)
+
+
+def _rule(b: float, axis: str) -> str:
+    if b == 0:
+        return f"floor({axis} / alpha)"
+    return f"floor({axis} / alpha {'+' if b > 0 else '-'} {abs(b):g})"
 
 
 def _read_values(layers) -> list[list[float]]:
@@ -151,7 +252,7 @@ def _read_values(layers) -> list[list[float]]:
     return [flat[4 * i: 4 * i + 4] for i in range(len(layers))]
 
 
-@torch.compiler.disable  # the one host read per model forward: a graph break at the model's start
+@_disabled_for_graphs  # the one host read per model forward: a graph break at the model's start
 def plan_sizes(model: nn.Module) -> None:
     """Read every DynOPool2d's alpha and delta in ``model`` in one copy and plan each layer's
     output size for an input of the size it saw last. A layer without a plan for its input
@@ -166,21 +267,38 @@ def plan_sizes(model: nn.Module) -> None:
         m._plan = m._make_plan(m._last_input, values) if m._last_input is not None else None
 
 
+# Module-level functions, not closures: a model with these hooks pickles (torch.save(model)).
+def _plan_hook(module: nn.Module, args) -> None:
+    refuse_static_graph()  # before the host read, which would fail less clearly
+    plan_sizes(module)
+
+
+def _drop_plans_hook(module: nn.Module, args, output) -> None:
+    for m in module.modules():
+        if isinstance(m, DynOPool2d):
+            m._plan = None
+
+
 def read_sizes_once(model: nn.Module) -> None:
     """Install ``plan_sizes`` as a forward pre-hook of ``model`` (once): every forward of the
     model then reads all its DynOPool2d layers' parameters in one device-to-host copy, at its
     start, instead of one per layer; the plans are dropped when the forward ends (the
-    parameters move with the next optimizer step). ``replace_pooling`` calls this."""
-    if getattr(model, "_dynopool_plan_hooks", None) is not None:
+    parameters move with the next optimizer step). ``replace_pooling`` calls this;
+    ``remove_read_sizes_once`` undoes it."""
+    if _plan_hook in model._forward_pre_hooks.values():
         return
+    model._dynopool_plan_hooks = (model.register_forward_pre_hook(_plan_hook),
+                                  model.register_forward_hook(_drop_plans_hook, always_call=True))
 
-    def clear(module, args, output):
-        for m in module.modules():
-            if isinstance(m, DynOPool2d):
-                m._plan = None
 
-    model._dynopool_plan_hooks = (model.register_forward_pre_hook(lambda module, args: plan_sizes(module)),
-                                  model.register_forward_hook(clear, always_call=True))
+def remove_read_sizes_once(model: nn.Module) -> None:
+    """Remove ``read_sizes_once``'s hooks from ``model`` and every module in it."""
+    for m in model.modules():
+        for hooks, fn in ((m._forward_pre_hooks, _plan_hook), (m._forward_hooks, _drop_plans_hook)):
+            for key in [k for k, h in hooks.items() if h is fn]:
+                del hooks[key]
+                m._forward_hooks_always_called.pop(key, None)
+        m.__dict__.pop("_dynopool_plan_hooks", None)
 
 
 def output_sizes(layers, input_sizes) -> list[tuple[int, int]]:
@@ -197,6 +315,15 @@ def _pair(v, name: str) -> Tensor:
     if t.numel() != 2:
         raise ValueError(f"{name} must be a number or a pair (h, w), got {v!r}")
     return t.clone()
+
+
+def _offsets(v) -> tuple[float, float] | None:
+    if v is None:
+        return None
+    t = _pair(v, "size_offset").tolist()
+    if not all(math.isfinite(b) for b in t):
+        raise ValueError(f"size_offset must be finite, got {v!r}")
+    return t[0], t[1]
 
 
 def _bounds(v, name: str, positive: bool = False) -> tuple[float, float]:

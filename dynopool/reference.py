@@ -29,6 +29,9 @@ def check_shapes(x: Tensor, alpha: Tensor, delta: Tensor) -> None:
     """Clear errors for bad shapes and devices: no device-to-host read, so free per call."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        # bilinear sampling of integers would be truncated back to integers (2.9999995 -> 2)
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}: convert it first (x.float())")
     if x.shape[-2] < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty spatial size, got {tuple(x.shape)}")
     if alpha.numel() != 2 or delta.numel() != 2:
@@ -54,9 +57,13 @@ def check_values(alpha, delta) -> None:
         raise ValueError(f"delta (the query spread) must be finite, got {list(delta)}")
 
 
-def output_size(size: int, alpha: float) -> int:
-    """max(1, round(size / alpha)), rounding half to even like torch.round."""
-    return max(1, round(size / alpha))  # Python's round: half to even, in float64
+def output_size(size: int, alpha: float, offset: float | None = None) -> int:
+    """max(1, round(size / alpha)), rounding half to even like torch.round; with an ``offset``
+    b, max(1, floor(size / alpha + b)): the rule of a layer that replaced a down-sampling
+    site keeps that site's sizes at alpha = 2 (b = 0: floor(H / 2), b = 1/2: ceil(H / 2))."""
+    if offset is None:
+        return max(1, round(size / alpha))  # Python's round: half to even, in float64
+    return max(1, math.floor(size / alpha + offset))
 
 
 def straight_through_size(size: int, alpha: Tensor, out: int) -> Tensor:
@@ -116,16 +123,48 @@ def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, size: tuple[int, int] | 
         return sample_max(x, h_out, w_out, size_hat, delta)
 
 
+def interleaved_queries(h: int, w: int, h_out: int, w_out: int, size_hat: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """The query rows (2 h_out) and columns (2 w_out), interleaved (row 2i + k, column 2j + l),
+    so each cell's 4 queries form a 2 x 2 window of the query grid and the max over them is a
+    stride-2 max pooling of that grid."""
+    return (queries(h, h_out, size_hat[0], delta[0]).T.reshape(-1),
+            queries(w, w_out, size_hat[1], delta[1]).T.reshape(-1))
+
+
+def fixed_taps(h: int, w: int, alpha: Tensor, delta: Tensor, size: tuple[int, int]) -> tuple[Tensor, ...]:
+    """The taps (y0, y1, wy, u0, u1, wu) of every interleaved query row and column, for an
+    input of h x w, output ``size`` and parameter values that no longer change: the same
+    coordinates ``dynopool2d`` computes per call (fp32), as constants."""
+    with torch.no_grad():
+        alpha, delta = alpha.detach().to(torch.float32), delta.detach().to(torch.float32)
+        size_hat = torch.stack([straight_through_size(h, alpha[0], size[0]), straight_through_size(w, alpha[1], size[1])])
+        yq, xq = interleaved_queries(h, w, size[0], size[1], size_hat, delta)
+        return _taps(yq, h) + _taps(xq, w)
+
+
+def sample_max_fixed(x: Tensor, y0: Tensor, y1: Tensor, wy: Tensor, u0: Tensor, u1: Tensor, wu: Tensor) -> Tensor:
+    """The operator at constant taps (``fixed_taps``): each query column and row is the
+    bilinear mix of its two taps, gathered (constant indices), and each cell keeps the max of
+    its 2 x 2 queries with ``sample_max``'s tie order. Only gathers, arithmetic and a max
+    pooling: a static graph that torch.export, ONNX and TorchScript take as it is. Computed
+    in fp32 (fp64 for fp64 inputs), returned in x's dtype; equal to ``dynopool2d`` within
+    fp32 rounding (the CPU path mixes the columns by a matrix product instead)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute)
+    c0 = xc.index_select(3, u0)
+    cols = c0 + (xc.index_select(3, u1) - c0) * wu.to(compute)
+    r0 = cols.index_select(2, y0)
+    q = r0 + (cols.index_select(2, y1) - r0) * wy.to(compute)[:, None]
+    return torch.nn.functional.max_pool2d(q, 2).to(x.dtype)
+
+
 def sample_max(x: Tensor, h_out: int, w_out: int, size_hat: Tensor, delta: Tensor) -> Tensor:
     """The operator for given output sizes and (continuous) cell-count ``size_hat`` (2,):
     ``dynopool2d`` is this at the straight-through sizes; tests differentiate it in size_hat."""
     n, c, h, w = x.shape
     compute = size_hat.dtype
-    yq = queries(h, h_out, size_hat[0], delta[0])
-    xq = queries(w, w_out, size_hat[1], delta[1])
-    # Query rows and columns interleaved (row 2i + k, column 2j + l), so each cell's 4 queries
-    # form a 2 x 2 window of q and the max over them is a stride-2 max pooling of q.
-    out = _SeparableMax.apply(x.to(compute).reshape(n * c, h, w), yq.T.reshape(-1), xq.T.reshape(-1))
+    yq, xq = interleaved_queries(h, w, h_out, w_out, size_hat, delta)
+    out = _SeparableMax.apply(x.to(compute).reshape(n * c, h, w), yq, xq)
     out = out.view(n, c, h_out, w_out)
     out = out.to(x.dtype)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

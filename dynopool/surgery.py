@@ -1,79 +1,453 @@
-"""Model surgery: turn a network's down-sampling into DynOPool layers.
+"""Model surgery: turn a network's 2x2 down-sampling into DynOPool layers, keeping its shapes.
 
-- ``MaxPool2d`` / ``AvgPool2d`` with a 2x2 window and stride 2 -> ``DynOPool2d(alpha=2)``;
-- a stride-2 ``Conv2d`` -> the same conv (same weights) at stride 1, then ``DynOPool2d(alpha=2)``.
-In a residual block whose main path and shortcut both down-sample (torchvision's
-``BasicBlock`` / ``Bottleneck``, open_clip's ``Bottleneck``) the two share one DynOPool2d, so
-their sizes always agree. Output shapes at initialisation stay as they were for even sizes.
+Sites: ``MaxPool2d`` / ``AvgPool2d`` with a 2x2 window and stride 2 become a ``DynOPool2d``; a
+stride-2 ``Conv2d`` (any subclass: timm's wrapped and weight-standardised convs too) becomes the
+same conv (same weights) at stride 1, padded where it would shrink the map, then a
+``DynOPool2d``. The spec's two rules (``shared/spec/dynopool.md``, "Replacing resizing layers"):
+
+- Same shapes at init. Each site's own size rule, out = floor((H + c) / 2), is measured on
+  small inputs, and its DynOPool gets floor(H / alpha + c / 2): the same sizes at alpha = 2 for
+  every H (a padded 3x3 or 1x1 stride-2 conv gives ceil(H / 2), a pool or ConvNeXt's 2x2 conv
+  floor(H / 2)).
+- Sizes that must agree stay agreed. All sites that take the same feature level (the same
+  input size at init, at the example size and at an odd one) with the same rule share one
+  DynOPool2d, whatever module wraps them: a residual block's main path and shortcut, the
+  branches of a ShuffleNet unit, timm's ConvNormAct-wrapped RegNet blocks.
+
+Both are checked on the model itself before ``replace_pooling`` returns: every unchanged
+module sees the same input and output shapes as before at the example size and at an odd one,
+and a forward with every level's alpha moved (to different values) runs. A level whose alpha
+cannot move without breaking the network (its maps meet a path no DynOPool drives, or a head
+built for one grid) is left as it was; anything else that fails restores the model and raises.
 """
 from __future__ import annotations
 
 import copy
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
+from .cost import _layer_macs
+from . import probe
 from .pool import DynOPool2d, read_sizes_once
 
-
-def _is_2x2_pool(m: nn.Module) -> bool:
-    if not isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-        return False
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    return (pair(m.kernel_size) == (2, 2) and pair(m.stride or m.kernel_size) == (2, 2)
-            and pair(m.padding) == (0, 0) and not getattr(m, "ceil_mode", False))
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 
 
-def _is_stride2_conv(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2)
+@dataclass
+class Site:
+    """One replaced module: where it was, what it was, which DynOPool drives it."""
+    name: str
+    was: str
+    change: str | None  # None: the same function at alpha 2 on even sizes
+    pool: int  # index in SurgeryReport.pools
+    input_size: tuple[int, int]  # at the example size
+    output_size: tuple[int, int]
 
 
-def _replacement(m: nn.Module, pool: DynOPool2d) -> nn.Module:
-    if isinstance(m, nn.Conv2d):
-        conv = copy.deepcopy(m)
-        conv.stride = (1, 1)
-        return nn.Sequential(conv, pool)
-    return pool
+@dataclass
+class PoolInfo:
+    """One DynOPool2d and the sites it drives (all take the same feature level)."""
+    module: DynOPool2d
+    name: str  # where the module is registered first
+    sites: list[str]
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
 
 
-def replace_pooling(model: nn.Module, *, delta: float = 0.25, learn_delta: bool = True,
-                    alpha_range=(1.0, 64.0), delta_range=(0.0, 1.0)) -> list[str]:
-    """Replace ``model``'s 2x2 poolings and stride-2 convolutions in place (see the module
-    docstring). Returns one line per replacement, naming what became what and what is shared.
+@dataclass
+class SurgeryReport:
+    """What ``replace_pooling`` did. ``str(report)`` is a readable summary."""
+    example_size: tuple[int, int]
+    odd_size: tuple[int, int] | None  # the second size checked; None where the original rejects it
+    pools: list[PoolInfo] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)  # (module, why it was left)
+    macs_original: int = 0  # conv + linear MACs at the example size, before
+    macs_at_init: int = 0  # after, alpha = 2 everywhere
 
-    Each new layer keeps alpha in ``alpha_range`` (default: from no change of resolution to a
-    64-fold reduction, so the network never costs more than its stride-1 version) and delta in
-    ``delta_range``. The model gets ``read_sizes_once``: one device-to-host read of all the
-    layers' parameters per forward."""
-    def new_pool():
-        return DynOPool2d(2.0, delta, learn_delta=learn_delta, alpha_range=alpha_range, delta_range=delta_range)
+    @property
+    def changed_function(self) -> list[Site]:
+        return [s for s in self.sites if s.change]
 
-    done: list[str] = []
-    shared: dict[int, tuple[DynOPool2d, str]] = {}
-    names = {id(m): n for n, m in model.named_modules()}
+    def __len__(self) -> int:
+        return len(self.sites)
 
-    # Residual blocks first: one DynOPool for the main path's and the shortcut's down-sampling.
-    for block_name, block in model.named_modules():
-        down = getattr(block, "downsample", None)
-        if not isinstance(down, nn.Module):
-            continue
-        main = [m for n, m in block.named_children() if n != "downsample" and (_is_2x2_pool(m) or _is_stride2_conv(m))]
-        side = [m for m in down.modules() if _is_2x2_pool(m) or _is_stride2_conv(m)]
-        if len(main) == 1 and len(side) == 1:
-            pool = new_pool()
-            shared[id(main[0])] = (pool, names[id(side[0])])
-            shared[id(side[0])] = (pool, names[id(main[0])])
+    def __str__(self) -> str:
+        h, w = self.example_size
+        lines = [f"replace_pooling: {len(self.sites)} site(s) -> {len(self.pools)} DynOPool2d, shapes at init "
+                 f"checked equal to the original's at {h}x{w}"
+                 + (f" and {self.odd_size[0]}x{self.odd_size[1]}" if self.odd_size else
+                    " (the original rejects the odd size tried)")]
+        for i, p in enumerate(self.pools):
+            lines.append(f"  pool {i} ({p.name}): {_hw(p.input_size)} -> {_hw(p.output_size)}, "
+                         f"{p.module.size_rule()}, drives {', '.join(p.sites)}")
+        changes: dict[str, list[str]] = {}
+        for s in self.changed_function:
+            changes.setdefault(s.change, []).append(f"{s.name} ({s.was})")
+        if changes:
+            lines.append("  changed function:")
+            lines += [f"    {change}: {', '.join(names)}" for change, names in changes.items()]
+        if self.left:
+            lines.append("  left as they were:")
+            lines += [f"    {name}: {why}" for name, why in self.left]
+        if self.macs_original:
+            ratio = self.macs_at_init / self.macs_original
+            lines.append(f"  cost at init: {self.macs_at_init / 1e6:,.1f} M MACs, {ratio:.2f}x the original's "
+                         f"{self.macs_original / 1e6:,.1f} M at {h}x{w}"
+                         + (" (the replaced convs run at stride 1)" if ratio > 1 else ""))
+        return "\n".join(lines)
 
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if not (_is_2x2_pool(child) or _is_stride2_conv(child)):
-                continue
-            pool, partner = shared.get(id(child), (None, None))
-            pool = pool or new_pool()
-            setattr(parent, child_name, _replacement(child, pool))
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            what = "stride-2 conv -> stride-1 conv + DynOPool2d" if isinstance(child, nn.Conv2d) else \
-                f"{type(child).__name__}(2, 2) -> DynOPool2d"
-            done.append(f"{full}: {what}" + (f" (shared with {partner})" if partner else ""))
-    if done:
+
+def _hw(size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def replace_pooling(model: nn.Module, example_input=None, *, delta: float = 0.25, learn_alpha: bool = True,
+                    learn_delta: bool = True, alpha_range=(1.0, 64.0), delta_range=(0.0, 1.0),
+                    exclude=()) -> SurgeryReport:
+    """Replace ``model``'s 2x2 poolings and stride-2 convolutions in place by DynOPool2d layers
+    (see the module docstring) and return a ``SurgeryReport`` (print it).
+
+    ``example_input``: a tensor, or a shape (batch included), the network takes; default
+    (1, C, 224, 224) with C the first convolution's input channels. The levels, the checks and
+    the cost figures are taken at its size (and at an odd size near it). ``exclude``: module
+    names (globs) to leave as they are. ``learn_alpha=False`` for a network whose sizes must
+    not move (a head built for one grid): then only delta learns and alpha is not moved in the
+    check. Each new layer keeps alpha in ``alpha_range`` (default: from no change of resolution
+    to a 64-fold reduction) and delta in ``delta_range``. The model gets ``read_sizes_once``:
+    one device-to-host read of all the layers' parameters per forward."""
+    x = _example(model, example_input)
+    odd = x.new_zeros(*x.shape[:-2], _odd(x.shape[-2]), _odd(x.shape[-1]) + 2)  # not square: h and w apart
+    report = SurgeryReport(tuple(x.shape[-2:]), tuple(odd.shape[-2:]))
+    places = _places(model)
+    sites, report.left = _find_sites(model, places, tuple(exclude), x)
+
+    before = _probe(model, x, sites)
+    try:
+        before_odd = _probe(model, odd, sites)
+    except Exception:  # noqa: BLE001 - the original does not take that size: nothing to keep there
+        before_odd, report.odd_size = None, None
+    report.macs_original = before.macs
+    sites = [s for s in sites if s.module in before.site_inputs]  # never called: nothing to replace
+    _build(sites, before, before_odd, delta, learn_alpha, learn_delta, alpha_range, delta_range)
+    _install(model, places, sites)
+    try:
+        _check_shapes(model, x, before, "the example size")
+        if before_odd is not None:
+            _check_shapes(model, odd, before_odd, f"{_hw(odd.shape[-2:])}")
+        if learn_alpha and alpha_range[0] < alpha_range[1]:
+            sites = _keep_levels_that_move(model, places, sites, x, alpha_range, report)
+        after = _probe(model, x, [])
+    except Exception:
+        _uninstall(model, places, sites)
+        raise
+
+    report.macs_at_init = after.macs
+    _describe(report, model, sites, before)
+    if report.sites:
         read_sizes_once(model)
-    return done
+    failed = [(n, why) for n, why in report.left if why.startswith("its level")]
+    if failed and not report.sites:
+        raise ValueError("replace_pooling: no site can take a DynOPool2d whose alpha moves:\n"
+                         + "\n".join(f"  {n}: {why}" for n, why in failed)
+                         + "\n(for a network whose sizes must stay as they are, replace_pooling(..., "
+                           "learn_alpha=False) learns delta only)")
+    if failed:
+        warnings.warn("replace_pooling left some down-sampling sites as they were:\n"
+                      + "\n".join(f"  {n}: {why}" for n, why in failed), stacklevel=2)
+    return report
+
+
+# --------------------------------------------------------------------------- finding sites
+
+@dataclass(eq=False)
+class _Site:
+    name: str
+    module: nn.Module
+    rule: tuple[int, int]  # c per axis: out = floor((H + c) / 2)
+    replacement: nn.Module | None = None  # the stride-1 conv for a conv site
+    pool_module: DynOPool2d | None = None
+
+
+def _example(model: nn.Module, example_input) -> Tensor:
+    if example_input is not None:
+        return probe.example_tensor(model, example_input)
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ValueError("replace_pooling: no Conv2d to infer the input channels from; pass example_input")
+    return probe.example_tensor(model, (1, conv.in_channels, 224, 224))
+
+
+def _odd(n: int) -> int:
+    """An odd size near n, not n: the size that shows a site's rounding."""
+    return n + 1 if n % 2 == 0 else n + 2
+
+
+def _places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """Every (parent, attribute, full name) each module is registered at, by id."""
+    places: dict[int, list] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent.named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if all(p is not parent or a != child_name for p, a, _ in places.get(id(child), [])):
+                places.setdefault(id(child), []).append((parent, child_name, full))
+    return places
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _kind(m: nn.Module) -> str | None:
+    """'pool' / 'conv' for a candidate site, None for anything else."""
+    if isinstance(m, _POOLS):
+        dil = _pair(getattr(m, "dilation", 1))
+        if (_pair(m.kernel_size) == (2, 2) and _pair(m.stride or m.kernel_size) == (2, 2)
+                and _pair(m.padding) == (0, 0) and dil == (1, 1)):
+            return "pool"
+    if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
+        return "conv"
+    return None
+
+
+def _describe_module(m: nn.Module) -> str:
+    k = "x".join(map(str, _pair(m.kernel_size)))
+    s = "x".join(map(str, _pair(m.stride or m.kernel_size)))
+    return f"{type(m).__name__} {k} stride {s}"
+
+
+def _find_sites(model, places, exclude, x) -> tuple[list[_Site], list[tuple[str, str]]]:
+    sites, left, seen = [], [], set()
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            kind = _kind(child)
+            strided = isinstance(child, (*_POOLS, nn.Conv2d)) and max(_pair(child.stride or child.kernel_size)) > 1
+            if kind is None:
+                if strided:
+                    left.append((name, f"{_describe_module(child)}: only 2x2 windows at stride 2 and stride-2 "
+                                       "convolutions are replaced"))
+                continue
+            if any(fnmatch.fnmatchcase(p[2], pat) for p in places[id(child)] for pat in exclude):
+                left.append((name, "excluded"))
+                continue
+            site, why = _site(name, child, kind, x)
+            if site is None:
+                left.append((name, f"{_describe_module(child)}: {why}"))
+            else:
+                sites.append(site)
+    return sites, left
+
+
+def _site(name: str, m: nn.Module, kind: str, x: Tensor) -> tuple[_Site | None, str]:
+    """The site with its measured size rule (and the stride-1 conv), or None and why not."""
+    if kind == "conv":
+        like, channels = m.weight, m.in_channels
+        eff = max(d * (k - 1) + 1 for d, k in zip(_pair(m.dilation), _pair(m.kernel_size)))
+    else:
+        like, channels, eff = x, 1, 2
+    sizes = _sizes(m, channels, eff, like)
+    if sizes is None:
+        return None, "it does not run on a small input of its own"
+    rule = tuple(_axis_rule(axis) for axis in sizes)
+    if None in rule:
+        return None, "its output size is not floor((H + c) / 2)"
+    site = _Site(name, m, rule)
+    if kind == "conv":
+        site.replacement = _stride1(m, channels, eff)
+        if site.replacement is None:
+            return None, "no stride-1 version of it keeps the input's size"
+    return site, ""
+
+
+def _sizes(m: nn.Module, channels: int, eff: int, like: Tensor):
+    """Output sizes along H and along W at four input sizes each: ({H: h_out}, {W: w_out})."""
+    n = eff + 4
+    hs, ws = {}, {}
+    try:
+        with torch.no_grad():
+            for h, w in ((n, n + 1), (n + 1, n), (n + 2, n + 3), (n + 3, n + 2)):
+                out = m(torch.zeros(1, channels, h, w, dtype=like.dtype, device=like.device))
+                hs[h], ws[w] = out.shape[-2], out.shape[-1]
+    except Exception:  # noqa: BLE001 - a module that needs more than a tensor: not a site we understand
+        return None
+    return hs, ws
+
+
+def _axis_rule(outs: dict[int, int]) -> int | None:
+    """c with out(H) = floor((H + c) / 2) at every measured H, or None."""
+    h0 = min(outs)
+    for c in (2 * outs[h0] - h0, 2 * outs[h0] - h0 + 1):
+        if all(o == (h + c) // 2 for h, o in outs.items()):
+            return c
+    return None
+
+
+def _stride1(conv: nn.Conv2d, channels: int, eff: int) -> nn.Module | None:
+    """The same conv (a copy: same weights) at stride 1, keeping the input's size: as it is
+    where its padding already does (3x3 pad 1, 1x1, 7x7 pad 3), else with 'same' zero padding
+    (ConvNeXt's 2x2 conv gives H - 1 at stride 1)."""
+    new = copy.deepcopy(conv)
+    new.stride = (1, 1)
+
+    def keeps_size():
+        sizes = _sizes(new, channels, eff, conv.weight)
+        return sizes is not None and all(o == i for axis in sizes for i, o in axis.items())
+
+    if keeps_size():
+        return new
+    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        new.padding = "same"
+        if keeps_size():
+            return new
+    return None
+
+
+# --------------------------------------------------------------------------- probes and checks
+
+class _Record:
+    """One forward's input and output shapes of every module (by identity), the sites' input
+    sizes, and the conv + linear MACs."""
+
+    def __init__(self):
+        self.shapes: dict[int, list] = {}
+        self.site_inputs: dict[nn.Module, tuple[int, int]] = {}
+        self.site_outputs: dict[nn.Module, tuple[int, int]] = {}
+        self.macs = 0
+
+
+def _shapes(tree) -> list:
+    return [tuple(t.shape) for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
+
+
+def _probe(model: nn.Module, x: Tensor, sites) -> _Record:
+    rec = _Record()
+    site_modules = {s.module for s in sites}
+
+    def hook(module, args, kwargs, output):
+        rec.shapes.setdefault(id(module), []).append((_shapes((args, kwargs)), _shapes(output)))
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(output, Tensor):
+            rec.macs += _layer_macs(module, output)
+        if module in site_modules and module not in rec.site_inputs:
+            rec.site_inputs[module] = tuple(args[0].shape[-2:])
+            rec.site_outputs[module] = tuple(output.shape[-2:])
+
+    probe.run(model, x, [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()])
+    return rec
+
+
+def _check_shapes(model: nn.Module, x: Tensor, before: _Record, where: str) -> None:
+    after = _probe(model, x, [])
+    names = {id(m): n for n, m in model.named_modules()}
+    for key, calls in after.shapes.items():
+        if key in before.shapes and before.shapes[key] != calls:
+            raise ValueError(f"replace_pooling: after surgery, {names.get(key) or 'the model'} sees other shapes "
+                             f"at {where} than before ({before.shapes[key][:1]} -> {calls[:1]}); the model is "
+                             "restored (please report this network)")
+
+
+def _build(sites, before, before_odd, delta, learn_alpha, learn_delta, alpha_range, delta_range) -> None:
+    """One DynOPool2d per feature level and rule: sites with the same input size at the example
+    size (and at the odd size) and the same rule share it."""
+    levels: dict[tuple, DynOPool2d] = {}
+    for s in sites:
+        key = (before.site_inputs[s.module], before_odd.site_inputs.get(s.module) if before_odd else None, s.rule)
+        if key not in levels:
+            levels[key] = DynOPool2d(2.0, delta, learn_alpha=learn_alpha, learn_delta=learn_delta,
+                                     alpha_range=alpha_range, delta_range=delta_range,
+                                     size_offset=tuple(c / 2 for c in s.rule))
+        s.pool_module = levels[key]
+
+
+def _install(model, places, sites) -> None:
+    for s in sites:
+        new = nn.Sequential(s.replacement, s.pool_module) if s.replacement is not None else s.pool_module
+        for parent, attr, _ in places[id(s.module)]:
+            setattr(parent, attr, new)
+
+
+def _uninstall(model, places, sites) -> None:
+    for s in sites:
+        for parent, attr, _ in places[id(s.module)]:
+            setattr(parent, attr, s.module)
+
+
+def _keep_levels_that_move(model, places, sites, x, alpha_range, report) -> list:
+    """The sites whose level's alpha can move; the others are put back and reported as left."""
+    stuck = _check_alpha_moves(model, x, sites, alpha_range)
+    if not stuck:
+        return sites
+    for s in sites:
+        if s.pool_module in stuck:
+            report.left.append((s.name, f"its level's alpha cannot move: {stuck[s.pool_module]}"))
+    _uninstall(model, places, [s for s in sites if s.pool_module in stuck])
+    kept = [s for s in sites if s.pool_module not in stuck]
+    if kept:
+        _check_alpha_moves(model, x, kept, alpha_range, diagnose=False)
+    return kept
+
+
+def _check_alpha_moves(model, x, sites, alpha_range, diagnose=True) -> dict:
+    """Run the model with every level's alpha moved, each to its own values; where that fails,
+    find (one level at a time) the levels whose alpha cannot move. Returns {pool: why}."""
+    pools = list(dict.fromkeys(s.pool_module for s in sites))
+    lo, hi = alpha_range
+
+    def moved(i):
+        return torch.tensor([min(max(2.35 + 0.05 * i, lo), hi), min(max(1.7 - 0.03 * i, lo), hi)])
+
+    def run(which) -> str | None:
+        with torch.no_grad():
+            for i, p in enumerate(pools):
+                p.alpha.copy_(moved(i) if p in which else torch.tensor([2.0, 2.0]))
+        try:
+            probe.run(model, x)
+            return None
+        except Exception as e:  # noqa: BLE001 - any failure means this alpha cannot move
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        finally:
+            with torch.no_grad():
+                for p in pools:
+                    p.alpha.fill_(2.0)
+
+    failure = run(set(pools))
+    if failure is None:
+        return {}
+    if not diagnose:
+        raise ValueError(f"replace_pooling: the network fails when its DynOPool levels move together ({failure}); "
+                         "the model is restored")
+    return {p: why for p in pools if (why := run({p})) is not None} or \
+        {p: failure for p in pools}  # only together: none can be kept with confidence
+
+
+def _describe(report: SurgeryReport, model: nn.Module, sites, before: _Record) -> None:
+    names = {id(m): n for n, m in model.named_modules()}
+    index: dict[DynOPool2d, int] = {}
+    for s in sites:
+        p = s.pool_module
+        if p not in index:
+            index[p] = len(report.pools)
+            report.pools.append(PoolInfo(p, names.get(id(p), s.name), [], before.site_inputs[s.module],
+                                         before.site_outputs[s.module]))
+        report.pools[index[p]].sites.append(s.name)
+        report.sites.append(Site(s.name, _describe_module(s.module), _change(s.module), index[p],
+                                 before.site_inputs[s.module], before.site_outputs[s.module]))
+
+
+def _change(m: nn.Module) -> str | None:
+    if isinstance(m, nn.MaxPool2d) and not m.ceil_mode:
+        return None
+    if isinstance(m, nn.AvgPool2d):
+        return "average -> max (DynOPool keeps the largest of 4 bilinear samples per cell)"
+    if isinstance(m, nn.MaxPool2d):
+        return "ceil-mode max pool -> DynOPool (its last cell spans the border pixel differently)"
+    return ("stride-2 conv -> the same conv at stride 1 + a max over each 2x2 window "
+            "(the original kept one sample per window)")

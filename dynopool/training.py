@@ -21,12 +21,25 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0, pool
 
         opt = torch.optim.SGD(dynopool.param_groups(model, lr=0.1, weight_decay=1e-4), lr=0.1, momentum=0.9)
     """
+    rest, pool = split_parameters(model)
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+    if pool:
+        groups.append({"params": pool, "lr": pool_lr_scale * lr, "weight_decay": pool_weight_decay})
+    return groups
+
+
+def split_parameters(model: nn.Module) -> tuple[list, list]:
+    """(the network's trainable parameters, every DynOPool2d's trainable alpha and delta), each
+    shared parameter once: for a separate optimizer on the pooling parameters, the recipe
+    that lands on a cost budget (README):
+
+        weights, pools = dynopool.split_parameters(model)
+        opt = torch.optim.SGD(weights, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        pool_opt = torch.optim.Adam(pools, lr=0.01)  # steps of ~0.01 in alpha whatever the gradients' scale
+    """
     pool_ids = {id(p) for m in model.modules() if isinstance(m, DynOPool2d) for p in (m.alpha, m.delta)}
     pool, rest = [], []
     for p in model.parameters():  # each shared parameter once
         if p.requires_grad:
             (pool if id(p) in pool_ids else rest).append(p)
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
-    if pool:
-        groups.append({"params": pool, "lr": pool_lr_scale * lr, "weight_decay": pool_weight_decay})
-    return groups
+    return rest, pool

@@ -100,7 +100,7 @@ def dynopool_part(data, budget: dict, log) -> list[dict]:
     for label, with_cost in (("CNN, DynOPool", False), ("CNN, DynOPool + cost loss (budget 0.6x)", True)):
         torch.manual_seed(0)
         model = L.SmallCNN()
-        replace_pooling(model)
+        replace_pooling(model, shape)
         extra = ComputeCostLoss(model, shape, budget=0.6 * base_macs, weight=1.0) if with_cost else None
         L.train([model], data, epochs=budget["cnn_epochs"], lr=2e-3, seeds=[5], extra_loss=extra)
         pools = [m for m in model.modules() if isinstance(m, DynOPool2d)]

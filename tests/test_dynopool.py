@@ -161,10 +161,72 @@ def test_channels_last_and_non_contiguous_inputs():
     (lambda: dynopool2d(torch.randn(1, 1, 8, 8), torch.tensor([2.0, 2.0]), torch.tensor([math.nan, 0.25])), "delta"),
     (lambda: DynOPool2d(alpha=0), "alpha"),
     (lambda: DynOPool2d(delta=(1, 2, 3)), "delta"),
+    # with the size given, parameters on the host are checked too (it reads nothing from a device)
+    (lambda: dynopool2d(torch.randn(1, 1, 8, 8), [math.nan, 2.0], 0.25, output_size=(4, 4)), "alpha"),
+    (lambda: dynopool2d(torch.randn(1, 1, 8, 8), [0.0, 2.0], 0.25, output_size=(4, 4)), "alpha"),
+    (lambda: dynopool2d(torch.randn(1, 1, 8, 8), torch.tensor([-2.0, 2.0]), torch.tensor([0.25, 0.25]),
+                        output_size=(4, 4)), "alpha"),
+    (lambda: dynopool2d(torch.randn(1, 1, 8, 8), 2.0, [0.25, math.inf], output_size=(4, 4)), "delta"),
+    (lambda: dynopool2d(torch.randn(1, 1, 8, 8), 2.0, 0.25, output_size=(0, 4)), "output_size"),
+    (lambda: dynopool2d(torch.randn(1, 1, 8, 8), 2.0, 0.25, output_size=4), "output_size"),
+    (lambda: dynopool2d(torch.randn(1, 1, 8, 8), [2.0, 2.0, 2.0], 0.25), "alpha"),
+    (lambda: DynOPool2d(backend="cuda"), "backend"),
+    (lambda: dynopool2d(torch.randn(1, 1, 8, 8), 2.0, 0.25, backend="cuda"), "backend"),
+    (lambda: DynOPool2d(size_offset=math.nan), "size_offset"),
 ])
 def test_bad_input_is_a_clear_value_error(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_non_float_inputs_are_refused(dtype):
+    # bilinear sampling of integers used to come back truncated (2.9999995 -> 2)
+    x = (torch.arange(64).reshape(1, 1, 8, 8) % 3).to(dtype)
+    with pytest.raises(ValueError, match="floating-point"):
+        dynopool2d(x, torch.tensor([1.7, 1.7]), torch.tensor([0.3, 0.3]))
+    with pytest.raises(ValueError, match="floating-point"):
+        dynopool2d(x, 1.7, 0.3, output_size=(5, 5))
+    with pytest.raises(ValueError, match="floating-point"):
+        DynOPool2d(1.7, 0.3)(x)
+
+
+def test_numbers_and_pairs_are_accepted_as_the_module_takes_them():
+    x = torch.randn(2, 3, 11, 9)
+    want = dynopool2d(x, torch.tensor([1.7, 2.0]), torch.tensor([0.3, 0.3]))
+    for alpha, delta in (([1.7, 2.0], 0.3), ((1.7, 2.0), [0.3, 0.3])):
+        assert torch.equal(dynopool2d(x, alpha, delta), want)
+        assert torch.equal(dynopool2d(x, alpha, delta, output_size=tuple(want.shape[-2:])), want)
+    assert torch.equal(dynopool2d(x, 2.0, 0.25, output_size=(6, 4)), dynopool2d(x, [2.0, 2.0], [0.25, 0.25]))
+
+
+def test_backend_is_checked_when_set():
+    pool = DynOPool2d()
+    with pytest.raises(ValueError, match="backend"):
+        pool.backend = "cuda"
+    assert pool.backend == "auto"
+
+
+def test_size_offset_keeps_a_sites_rounding():
+    # floor(H / alpha + b): b = 0 is a 2x2 pool's floor(H / 2), b = 1/2 a padded stride-2
+    # conv's ceil(H / 2), b = -1/2 an unpadded 3x3 stride-2 conv's floor((H - 1) / 2)
+    for h in range(1, 40):
+        assert output_size(h, 2.0, 0.0) == max(1, h // 2)
+        assert output_size(h, 2.0, 0.5) == (h + 1) // 2
+        assert output_size(h, 2.0, -0.5) == max(1, (h - 1) // 2)
+    assert output_size(97, 2.0) == 48  # round half to even: the plain layer's rule
+    assert output_size(10, 3.0, 0.5) == 3 and output_size(11, 3.0, 0.5) == 4  # floor(3.33 + .5), floor(3.67 + .5)
+    pool = DynOPool2d(2.0, 0.25, size_offset=(0.5, 0.0))
+    x = torch.randn(1, 2, 97, 131, requires_grad=True)
+    out = pool(x)
+    assert out.shape[-2:] == (49, 65) == pool.output_size(97, 131)
+    assert "size=floor(H / alpha + 0.5), floor(W / alpha)" in repr(pool)
+    # the straight-through gradient is that of H / alpha whatever the rounding
+    weights = torch.randn(out.shape)
+    (ga,) = torch.autograd.grad((out * weights).sum(), pool.alpha)
+    s_hat = torch.tensor([49.0, 65.0], requires_grad=True)
+    (gs,) = torch.autograd.grad((sample_max(x.detach(), 49, 65, s_hat, pool.delta.detach()) * weights).sum(), s_hat)
+    torch.testing.assert_close(ga, gs * torch.tensor([-97 / 4, -131 / 4]))
 
 
 def test_module_learns_alpha_and_freezes_delta_on_request():

@@ -1,4 +1,8 @@
-"""count_macs, ComputeCostLoss and replace_pooling on torchvision models (random weights)."""
+"""count_macs and ComputeCostLoss on torchvision models after replace_pooling (random weights),
+and the recipe that trains to a budget."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -29,43 +33,14 @@ def surgical():
     for name, shape in MODELS:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).eval()
-        x = torch.randn(shape)
-        with torch.no_grad():
-            before = [t.shape for t in _feature_shapes(model, x)]
-        done = replace_pooling(model)
-        made[name] = (model, shape, before, done, x)
+        replace_pooling(model, shape)
+        made[name] = (model, shape)
     return made
-
-
-def _feature_shapes(model, x):
-    shapes = []
-    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(o)) for m in model.children()]
-    model(x)
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
-@pytest.mark.parametrize("name,shape", MODELS)
-def test_surgery_keeps_shapes_and_shares_pools_in_residual_blocks(surgical, name, shape):
-    model, _, before, done, x = surgical[name]
-    with torch.no_grad():
-        after = [t.shape for t in _feature_shapes(model, x)]
-    assert after == before
-    pools = [m for m in model.modules() if isinstance(m, DynOPool2d)]
-    assert pools and len(done) >= len(set(map(id, pools)))
-    if name.startswith("resnet"):
-        block = model.layer2[0]
-        main = block.conv1 if name == "resnet18" else block.conv2
-        assert main[0].stride == (1, 1) and main[1] is block.downsample[0][1]
-        assert any("shared with layer2.0.downsample.0" in line for line in done)
-    else:
-        assert not any(isinstance(m, nn.MaxPool2d) for m in model.features)
 
 
 @pytest.mark.parametrize("name,shape", MODELS)
 def test_count_macs_equals_flop_counter_at_init_and_after_alpha_moves(surgical, name, shape):
-    model, shape, *_ = surgical[name]
+    model, shape = surgical[name]
     assert int(count_macs(model, shape)) == conv_linear_macs_by_flop_counter(model, shape)
     pools = [m for m in model.modules() if isinstance(m, DynOPool2d)]
     with torch.no_grad():
@@ -78,7 +53,7 @@ def test_count_macs_equals_flop_counter_at_init_and_after_alpha_moves(surgical, 
 
 
 def test_cost_gradient_is_negative_in_every_alpha(surgical):
-    model, shape, *_ = surgical["resnet18"]
+    model, shape = surgical["resnet18"]
     model.zero_grad()
     count_macs(model, shape).backward()
     for p in {id(m): m for m in model.modules() if isinstance(m, DynOPool2d)}.values():
@@ -145,20 +120,118 @@ def test_compute_cost_loss():
 
 
 def test_open_clip_modified_resnet():
+    # its attention pool is built for one grid, so its sizes must not move: learn_alpha=False
+    # (tests/test_dynopool_surgery.py); its linear layers are called functionally, so only the
+    # convolutions count
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
-    tower = open_clip.create_model("RN50", pretrained=None).visual.eval()
-    x = torch.randn(1, 3, 224, 224)  # its attention pool is built for a 7 x 7 final grid
-    with torch.no_grad():
-        before = tower(x).shape
-    done = replace_pooling(tower)
-    with torch.no_grad():
-        assert tower(x).shape == before
-    assert tower.layer2[0].avgpool is tower.layer2[0].downsample[0]  # shared ("-1" is first)
-    assert len(done) == 8 and sum("shared" in line for line in done) == 6
-    # Its attention pool calls its linear layers functionally: only the convolutions count.
+    tower = open_clip.model.ModifiedResNet(layers=(3, 4, 6, 3), output_dim=64, heads=2, image_size=64, width=16).eval()
+    report = replace_pooling(tower, (1, 3, 64, 64), learn_alpha=False)
+    assert len(report.sites) == 8
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        tower(torch.zeros(1, 3, 224, 224))
+        tower(torch.zeros(1, 3, 64, 64))
     convs = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}["aten.convolution"] // 2
-    assert int(count_macs(tower, (1, 3, 224, 224))) == convs
+    assert int(count_macs(tower, (1, 3, 64, 64))) == convs
+
+
+def three_convs(alpha1=2.0, alpha2=2.0):
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), DynOPool2d(alpha1), nn.Conv2d(4, 4, 3, padding=1),
+                         DynOPool2d(alpha2), nn.Conv2d(4, 4, 3, padding=1))
+
+
+def test_a_floor_pushes_the_cost_back_up_to_the_budget():
+    model = three_convs()
+    plain = ComputeCostLoss(model, (1, 1, 16, 16))
+    under = ComputeCostLoss(model, (1, 1, 16, 16), budget=plain.cost_at_init / 0.8, weight=2.0, floor=0.9)
+    loss = under()
+    assert loss.item() == pytest.approx(2.0 * (0.9 - 0.8))  # 0.8 of the budget, 0.1 under the floor
+    loss.backward()
+    assert all(bool((p.alpha.grad > 0).all()) for p in model if isinstance(p, DynOPool2d))  # smaller alpha: bigger maps
+    in_band = ComputeCostLoss(model, (1, 1, 16, 16), budget=plain.cost_at_init / 0.95, floor=0.9)
+    assert in_band().item() == 0.0
+    with pytest.raises(ValueError, match="floor"):
+        ComputeCostLoss(model, (1, 1, 16, 16), budget=1e3, floor=1.0)
+
+
+def test_the_cost_stops_squeezing_maps_at_min_size():
+    # 16 -> 8 -> 2 x 4: the last conv works on 2 rows, so neither pool's alpha_h is pushed any
+    # more; alpha_w still is. The value is the same either way.
+    model = three_convs(alpha2=(4.0, 2.0))
+    held = ComputeCostLoss(model, (1, 1, 16, 16), budget=1.0)
+    free = ComputeCostLoss(model, (1, 1, 16, 16), budget=1.0, min_size=0)
+    assert held.cost().item() == free.cost().item()
+    pools = [m for m in model if isinstance(m, DynOPool2d)]
+    for loss, h_zero in ((held, True), (free, False)):
+        for p in pools:
+            p.alpha.grad = None
+        with _no_warning():  # alpha_w can still move: the budget is not out of reach
+            loss().backward()
+        for p in pools:
+            assert (p.alpha.grad[0] == 0) == h_zero and p.alpha.grad[1] < 0
+    # every alpha held and over budget: the budget cannot be met at this size, said once
+    model = three_convs(alpha2=4.0)
+    loss = ComputeCostLoss(model, (1, 1, 16, 16), budget=1.0)
+    with pytest.warns(UserWarning, match="budget cannot be met"):
+        loss()
+    with _no_warning():
+        loss()
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.mark.parametrize("size,ratio", [(16, 0.7), (32, 0.5)])
+def test_the_budget_recipe_lands_within_10_percent_on_the_demos_data(size, ratio):
+    # The README's recipe on make demo's data and CNN (digits, two 2x2 pools; at 32 px the
+    # digits upsampled): SGD for the weights, Adam without momentum for the pooling parameters,
+    # weight 10, floor 0.9; 300 steps of 64 images. With the previous recipe (one SGD with
+    # param_groups, weight 1, no floor) these two runs ended at 0.85x and 0.89x the budget
+    # (benchmarks/dynopool_budget.py).
+    pytest.importorskip("sklearn")
+    import sys
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    import dynopool
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import demo_lib as L
+
+    data = L.load_data()
+    torch.manual_seed(0)
+    model = L.SmallCNN()
+    shape = (1, 1, size, size)
+    report = replace_pooling(model, shape)
+    budget = ratio * report.macs_original
+    assert report.macs_at_init == report.macs_original  # pools only: the surgery costs nothing here
+    weights, pools = dynopool.split_parameters(model)
+    opt = torch.optim.SGD(weights, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    pool_opt = torch.optim.Adam(pools, lr=0.01, betas=(0.0, 0.999))
+    cost = ComputeCostLoss(model, shape, budget=budget, weight=10.0, floor=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        idx = torch.randint(0, len(data.train_x), (64,), generator=g)
+        x = data.train_x[idx] if size == L.SIZE else F.interpolate(data.train_x[idx], size=(size, size), mode="bilinear")
+        loss = F.cross_entropy(model(x), data.train_y[idx]) + cost()
+        opt.zero_grad()
+        pool_opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pool_opt.step()
+    final = int(count_macs(model, shape))
+    assert final == conv_linear_macs_by_flop_counter(model, shape)
+    assert abs(final / budget - 1) <= 0.10, final / budget
+    maps = []
+    hooks = [m.register_forward_hook(lambda m, i, o: maps.append(tuple(o.shape[-2:])))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(shape))
+    for h in hooks:
+        h.remove()
+    assert min(min(hw) for hw in maps) >= 2, maps

@@ -374,7 +374,9 @@ def test_the_op_reads_nothing_to_the_host_and_launches_two_kernels_each_way(monk
     finally:
         if DEVICE.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-    assert reads == []
+    # on CUDA nothing is read back; parameters on the host are checked there (alpha finite and
+    # > 0, delta finite: one read of values already on the host, no device to wait for)
+    assert reads == ([] if DEVICE.type == "cuda" else ["tolist"])
     assert forward == ["_coordinates_kernel", "_forward_kernel"]
     assert launches[2:] == ["_coordinate_grads_kernel", "_input_grad_kernel"]
     assert x.grad is not None and alpha.grad is not None and delta.grad is not None

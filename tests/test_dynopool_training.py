@@ -19,7 +19,7 @@ BACKENDS = ["torch", "triton"]
 def resnet18_dynopool(backend="auto"):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    replace_pooling(model)
+    replace_pooling(model, (1, 3, 32, 32))
     for m in model.modules():
         if isinstance(m, DynOPool2d):
             m.backend = backend
