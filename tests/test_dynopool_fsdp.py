@@ -106,11 +106,15 @@ def train(model, xs, ys, probe, before_forward=lambda: None):
     return record
 
 
-def run_sharded(rank, world, base, mesh, device, checkpoint_dir=None):
+def run_sharded(rank, world, base, mesh, device, checkpoint_dir=None, prefetch=False):
     """One rank's run on its share of each batch; with ``checkpoint_dir`` also a DCP round trip."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     model = shard(copy.deepcopy(base), mesh)
+    if prefetch:
+        # the root gathers layer2 before the sizes are read: that layer's copy is gathered
+        # before the projection, and the layer must project it itself
+        model.set_modules_to_forward_prefetch([model.layer2])
     placements = {tuple(p.placements) for p in model.parameters()}  # before a forward unshards the root
     xs, ys, probe = data(device)
     per = GLOBAL_BATCH // world
@@ -155,7 +159,8 @@ def _rank(rank, world, init_file, out_dir, meshes):
         base = make_model()
         for i, shape in enumerate(meshes):
             mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
-            record = run_sharded(rank, world, base, mesh, "cpu", os.path.join(out_dir, "ckpt") if i == 0 else None)
+            record = run_sharded(rank, world, base, mesh, "cpu", os.path.join(out_dir, "ckpt") if i == 0 else None,
+                                 prefetch=world == 3)
             gathered = [None] * world
             dist.all_gather_object(gathered, record)
             if rank == 0:
@@ -211,7 +216,7 @@ def check_reads(reads, collectives):
 
 @pytest.mark.parametrize("world, meshes", [
     (2, [(2,), (2, 1)]),  # 1-D; HSDP with two replicas of unsharded parameters
-    (3, [(1, 3)]),  # HSDP sharding a (2,) parameter over 3 ranks: one rank's shard is empty
+    (3, [(1, 3)]),  # HSDP sharding a (2,) parameter over 3 ranks, one shard empty; explicit prefetch
 ])
 def test_fsdp2_steps_equal_one_process_with_the_whole_batch(tmp_path, world, meshes):
     from torch.distributed.tensor import Replicate, Shard
