@@ -13,6 +13,7 @@ import importlib.util
 import math
 import operator
 import os
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -230,9 +231,16 @@ class DynOPool2d(nn.Module):
         return ", ".join(_rule(b, axis) for b, axis in zip(self.size_offset, "HW"))
 
     def extra_repr(self) -> str:
-        a, d = self.alpha.detach().cpu().tolist(), self.delta.detach().cpu().tolist()
-        return (f"alpha=({a[0]:.3f}, {a[1]:.3f}), scale=({1 / a[0]:.3f}, {1 / a[1]:.3f}), "
-                f"delta=({d[0]:.3f}, {d[1]:.3f}), size={self.size_rule()}, learn_alpha={self.alpha.requires_grad}, "
+        dt = _distributed_tensor()
+        if dt is not None and isinstance(self.alpha, dt.DTensor):
+            # sharded (FSDP2): the values are on several ranks, and a repr printed on one rank
+            # must not wait for the others
+            values = f"alpha, delta: DTensors placed {tuple(self.alpha.placements)}"
+        else:
+            a, d = self.alpha.detach().cpu().tolist(), self.delta.detach().cpu().tolist()
+            values = (f"alpha=({a[0]:.3f}, {a[1]:.3f}), scale=({1 / a[0]:.3f}, {1 / a[1]:.3f}), "
+                      f"delta=({d[0]:.3f}, {d[1]:.3f})")
+        return (f"{values}, size={self.size_rule()}, learn_alpha={self.alpha.requires_grad}, "
                 f"learn_delta={self.delta.requires_grad}, alpha_range={self.alpha_range}, "
                 f"delta_range={self.delta_range}")
 
@@ -247,9 +255,91 @@ def _rule(b: float, axis: str) -> str:
 
 
 def _read_values(layers) -> list[list[float]]:
-    """Every layer's (alpha_h, alpha_w, delta_h, delta_w), in one device-to-host copy."""
-    flat = torch.cat([t.detach().reshape(2) for m in layers for t in (m.alpha, m.delta)]).tolist()
+    """Every layer's (alpha_h, alpha_w, delta_h, delta_w), in one device-to-host copy. Parameters
+    that are DTensors (FSDP2's shards) are made full first, in one collective for all of them
+    (``_full_values``); on every rank the same values, so every rank plans the same sizes."""
+    flat = torch.cat(_full_values([t.detach() for m in layers for t in (m.alpha, m.delta)])).tolist()
     return [flat[4 * i: 4 * i + 4] for i in range(len(layers))]
+
+
+def _distributed_tensor():
+    """``torch.distributed.tensor`` where something has loaded it (no DTensor exists before):
+    importing it here would cost every user ~0.5 s."""
+    return sys.modules.get("torch.distributed.tensor")
+
+
+def _full_values(tensors: list[Tensor]) -> list[Tensor]:
+    """The (2,)-element parameters as plain (2,) tensors. A DTensor's value is spread over the
+    ranks (FSDP2 shards dim 0: one element each on 2 ranks, an empty shard on a third): the
+    DTensors on one mesh with the same placements are stacked as one (2, n) DTensor, and one
+    ``full_tensor()`` gathers them all (FSDP2 gives every such parameter the same placements:
+    one collective per read, whatever the number of layers; none for replicated ones). Every
+    rank reads the same layers in the same order (the model's pre-hook runs on each), so the
+    collectives pair up."""
+    dt = _distributed_tensor()
+    if dt is None:  # nothing can be a DTensor
+        return [t.reshape(2) for t in tensors]
+    out, groups = [], {}
+    for i, t in enumerate(tensors):
+        out.append(t if isinstance(t, dt.DTensor) else t.reshape(2))
+        if isinstance(t, dt.DTensor):
+            # any other placement (a strided shard) is gathered on its own
+            stackable = all(type(p) is dt.Replicate or (type(p) is dt.Shard and p.dim == 0) for p in t.placements)
+            groups.setdefault((t.device_mesh, t.placements) if stackable else i, []).append(i)
+    for key, idx in groups.items():
+        if not isinstance(key, tuple):
+            out[key] = tensors[key].full_tensor()
+            continue
+        local = torch.stack([tensors[i].to_local().reshape(-1) for i in idx], dim=1)
+        full = dt.DTensor.from_local(local, *key, run_check=False, shape=(2, len(idx)), stride=(len(idx), 1))
+        full = full.full_tensor()
+        for j, i in enumerate(idx):
+            out[i] = full[:, j]
+    return out
+
+
+def _stored_parameters(model: nn.Module) -> dict:
+    """(id(module), name) -> the parameter FSDP2 keeps for it, for each parameter that
+    ``fully_shard`` manages in ``model``. While a module is unsharded (its forward; the root from
+    its forward to its backward) it registers a gathered copy, whose writes FSDP2 drops; the
+    sharded DTensor is what the optimizer steps and the next all-gather reads. FSDP2 has no
+    public way to it, hence its private names here, kept to this one place."""
+    stored = {}
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)  # an FSDPModule
+        if state is None:
+            continue
+        try:
+            state = state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch before per-parameter meshes
+                groups = [g for g in (state._fsdp_param_group,) if g is not None]
+            for group in groups:
+                for p in group.fsdp_params:
+                    info = p._module_info
+                    for owner, name in ((info.module, info.param_name),
+                                        *zip(info.shared_modules, info.shared_param_names)):
+                        stored[(id(owner), name)] = p.sharded_param
+        except AttributeError as e:
+            raise RuntimeError(f"DynOPool2d: this torch ({torch.__version__}) keeps FSDP2's sharded parameters "
+                               "where dynopool does not look for them, so it cannot project alpha and delta "
+                               "onto their valid range") from e
+    return stored
+
+
+def _project_stored(model: nn.Module, layers) -> None:
+    """Project these layers' parameters onto their ranges where they are stored: under FSDP2
+    the sharded DTensors the optimizer steps (each rank clamps its own shard or replica, no
+    collective), which a layer's own projection cannot reach while it runs on a gathered copy."""
+    if not layers:
+        return
+    stored = _stored_parameters(model)
+    dt = _distributed_tensor()
+    with torch.no_grad():
+        for m in layers:
+            for name, bounds in (("alpha", m.alpha_range), ("delta", m.delta_range)):
+                p = stored.get((id(m), name), getattr(m, name))
+                (p.to_local() if dt is not None and isinstance(p, dt.DTensor) else p).clamp_(*bounds)
 
 
 @_disabled_for_graphs  # the one host read per model forward: a graph break at the model's start
@@ -259,12 +349,20 @@ def plan_sizes(model: nn.Module) -> None:
     size (the first forward, a new resolution) reads its own values when it runs. A plan holds
     until it is replaced or dropped: ``read_sizes_once`` makes one per forward and drops it at
     the end; called by hand (to freeze the sizes for a CUDA graph), call it again when alpha
-    has moved, or the layers keep the sizes it planned."""
+    has moved, or the layers keep the sizes it planned.
+
+    Under FSDP2 (DTensor parameters) every rank must call it, as the hook does: the read
+    gathers the shards (one collective), and values out of range are projected where FSDP2
+    stores them."""
     layers = [m for m in model.modules() if isinstance(m, DynOPool2d)]
     if not layers:
         return
-    for m, values in zip(layers, _read_values(layers)):
-        m._plan = m._make_plan(m._last_input, values) if m._last_input is not None else None
+    values = _read_values(layers)
+    _project_stored(model, [m for m, v in zip(layers, values) if m._project(v) != (v[:2], v[2:])])
+    for m, v in zip(layers, values):
+        # a plan that says "project" still has each layer project what it registers when it
+        # runs: under FSDP2 a copy gathered before _project_stored (the root's), or after it
+        m._plan = m._make_plan(m._last_input, v) if m._last_input is not None else None
 
 
 # Module-level functions, not closures: a model with these hooks pickles (torch.save(model)).
