@@ -9,19 +9,17 @@ host, CUDA graphs can capture it, and torch.compile traces it (a custom op) with
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import operator
-import os
 import sys
 
 import torch
 from torch import Tensor, nn
 
+from kernels.dispatch import check_backend, choose_backend
+
 from . import reference, triton_pool
 
-BACKENDS = ("auto", "torch", "triton")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def dynopool2d(x: Tensor, alpha, delta, *, backend: str = "auto",
@@ -89,16 +87,9 @@ def _size_pair(size) -> tuple[int, int]:
 
 def resolve_backend(backend: str, x: Tensor) -> str:
     """"auto" sends CUDA tensors in fp32 / fp16 / bf16 to the Triton kernels and everything
-    else to the reference; "triton" also runs CPU tensors under TRITON_INTERPRET=1 (tests)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        return "triton" if x.is_cuda and x.dtype in triton_pool.DTYPES and HAS_TRITON else "torch"
-    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
-        raise ValueError("backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
-    return "triton"
+    else to the reference; "triton" also runs CPU tensors under TRITON_INTERPRET=1 (tests).
+    The rule both packages share: ``kernels/dispatch.py``."""
+    return choose_backend(backend, x.device, kernels_take=x.dtype in triton_pool.DTYPES)
 
 
 STATIC_GRAPH_ERROR = (
@@ -175,8 +166,7 @@ class DynOPool2d(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:  # here, not at the first forward
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        check_backend(value)  # here, not at the first forward
         self._backend = value
 
     def forward(self, x: Tensor) -> Tensor:
