@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -28,6 +29,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The same figures on every run: fixed seeds, deterministic algorithms and a fixed thread count
+# (main()); and, set before torch loads, the x86 code paths pinned to AVX2 for torch's own
+# kernels, MKL and oneDNN, which otherwise pick by the CPU (AVX-512 or not), each rounding its
+# own way. A variable the user set wins.
+THREADS = 2
+PINNED = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    PINNED.update(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2,STRICT", ONEDNN_MAX_CPU_ISA="AVX2")
+for _name, _value in PINNED.items():
+    os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -166,7 +177,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)  # noqa: E731
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
 
     data = L.load_data(limit=budget["limit"])
     log(f"digits: {len(data.train_x)} train, {len(data.test_x)} held-out; OOD: {', '.join(data.ood)}")
@@ -178,10 +190,14 @@ def main(argv=None) -> int:
             + "\n\n## DynOPool (small CNN on digits)\n\n"
             + table(dyno_rows, ["model", "ID", "OOD mean", "MACs", "scales"])
             + f"\n\n(`make demo`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
+              f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()} kernels, "
               f"{time.perf_counter() - start:.0f} s in all)\n")
     print("\n" + text)
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"model_stock": ms_rows, "dynopool": dyno_rows}, indent=1))
+    setup = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+             "deterministic": torch.are_deterministic_algorithms_enabled()}
+    (out / "results.json").write_text(json.dumps({"model_stock": ms_rows, "dynopool": dyno_rows, "setup": setup},
+                                                 indent=1))
     pictures(ms_rows, dyno_rows, out)
     log(f"wrote {out}/results.md, results.json, id_vs_ood.png, layers.png, dynopool.png")
     return 0
