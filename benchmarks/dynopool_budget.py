@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import demo_lib as L  # noqa: E402
 
 import dynopool  # noqa: E402
-from dynopool import ComputeCostLoss, count_macs, replace_pooling  # noqa: E402
+from dynopool import ComputeCostLoss, count_macs, probe, replace_pooling  # noqa: E402
 
 
 def run(data, size: int, ratio: float, recipe: str, seed: int, steps: int = 300) -> tuple[float, int]:
@@ -56,12 +56,8 @@ def run(data, size: int, ratio: float, recipe: str, seed: int, steps: int = 300)
         for opt in opts:
             opt.step()
     maps = []
-    hooks = [m.register_forward_hook(lambda m, i, o: maps.append(min(o.shape[-2:])))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(shape))
-    for h in hooks:
-        h.remove()
+    probe.run(model, torch.zeros(shape), [m.register_forward_hook(lambda m, i, o: maps.append(min(o.shape[-2:])))
+                                          for m in model.modules() if isinstance(m, nn.Conv2d)])
     return int(count_macs(model, shape)) / budget, min(maps)
 
 

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynopool import ComputeCostLoss, DynOPool2d, count_macs, replace_pooling
+from dynopool import ComputeCostLoss, DynOPool2d, count_macs, probe, replace_pooling
 
 
 def conv_linear_macs_by_flop_counter(model, shape):
@@ -228,10 +228,6 @@ def test_the_budget_recipe_lands_within_10_percent_on_the_demos_data(size, ratio
     assert final == conv_linear_macs_by_flop_counter(model, shape)
     assert abs(final / budget - 1) <= 0.10, final / budget
     maps = []
-    hooks = [m.register_forward_hook(lambda m, i, o: maps.append(tuple(o.shape[-2:])))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(shape))
-    for h in hooks:
-        h.remove()
+    probe.run(model, torch.zeros(shape), [m.register_forward_hook(lambda m, i, o: maps.append(tuple(o.shape[-2:])))
+                                          for m in model.modules() if isinstance(m, nn.Conv2d)])
     assert min(min(hw) for hw in maps) >= 2, maps

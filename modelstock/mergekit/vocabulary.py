@@ -91,7 +91,8 @@ class Resized(TensorSource):
     def __init__(self, inner: TensorSource, names, kept: int, total: int):
         self.inner, self.kept, self.total = inner, kept, total
         self.path, self.metadata = inner.path, inner.metadata
-        self._names = {n for n in inner.tensors() if canonical_name(n) in set(names)}
+        wanted = set(names)
+        self._names = {n for n in inner.tensors() if canonical_name(n) in wanted}
 
     def tensors(self):
         return {n: (d, (self.total, *s[1:]) if n in self._names else s) for n, (d, s) in self.inner.tensors().items()}
