@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "modelstock", "modelstock.*", "dynopool", "dynopool.*"]),
+    packages=find_packages(include=["msdp_kernels", "msdp_kernels.*", "modelstock", "modelstock.*", "dynopool", "dynopool.*"]),
     install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm", "pyyaml"],
     extras_require={
         "triton": ["triton"],

@@ -114,7 +114,7 @@ def run(out_dir: Path, dtypes=("float32", "bfloat16"), only=None, tag="", shapes
         del x, outs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    from kernels import dynopool as kdyn
+    from msdp_kernels import dynopool as kdyn
 
     record = {**gpu_record.header("dynopool", device), "alpha": list(ALPHA), "delta": list(DELTA),
               "config": {"elems_per_program": kdyn._ELEMS, "num_warps": kdyn._NUM_WARPS}, "cases": cases}

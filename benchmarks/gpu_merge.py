@@ -75,7 +75,7 @@ def passes(merger, bytes_read: int, total_ms: float) -> dict:
     """Where the Triton merge's time goes: the Gram pass alone, the merge pass alone (each with
     its GB/s: inputs read once; plus the output written for the merge pass), and the rest (the
     ratio's small torch ops between them and the host's NaN check). Overwrites the outputs."""
-    from kernels import merge as kmerge
+    from msdp_kernels import merge as kmerge
 
     groups = merger._kernel.groups
 
@@ -140,7 +140,7 @@ def run(models, out_dir: Path, dtypes=("float32", "bfloat16"), only=None, tag=""
             cases.append(case)
             del base, fts, out, want, merger, fns
             torch.cuda.empty_cache()
-    from kernels import merge as kmerge
+    from msdp_kernels import merge as kmerge
 
     record = {**gpu_record.header("merge", device),
               "config": {"MODELSTOCK_MERGE_ELEMS": kmerge._CHUNK_ELEMS, "num_warps": kmerge._NUM_WARPS,

@@ -16,7 +16,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from kernels.dispatch import check_backend, choose_backend
+from msdp_kernels.dispatch import check_backend, choose_backend
 
 from . import reference, triton_pool
 
@@ -88,7 +88,7 @@ def _size_pair(size) -> tuple[int, int]:
 def resolve_backend(backend: str, x: Tensor) -> str:
     """"auto" sends CUDA tensors in fp32 / fp16 / bf16 to the Triton kernels and everything
     else to the reference; "triton" also runs CPU tensors under TRITON_INTERPRET=1 (tests).
-    The rule both packages share: ``kernels/dispatch.py``."""
+    The rule both packages share: ``msdp_kernels/dispatch.py``."""
     return choose_backend(backend, x.device, kernels_take=x.dtype in triton_pool.DTYPES)
 
 

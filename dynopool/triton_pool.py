@@ -1,4 +1,4 @@
-"""DynOPool on the Triton kernels (``kernels/dynopool.py``): the same operator as
+"""DynOPool on the Triton kernels (``msdp_kernels/dynopool.py``): the same operator as
 ``reference.dynopool2d`` (which the tests hold it to), for a known output size.
 
 Inputs with many channels run in channels_last (``_CL_MIN_CHANNELS``), whatever their layout.
@@ -31,7 +31,7 @@ _CL_MIN_CHANNELS = 16
 
 
 def _in_kernel_layout(x: Tensor) -> Tensor:
-    from kernels import dynopool as k
+    from msdp_kernels import dynopool as k
 
     if x.shape[1] < _CL_MIN_CHANNELS or k.is_channels_last(x):
         return x
@@ -40,7 +40,7 @@ def _in_kernel_layout(x: Tensor) -> Tensor:
 
 def _forward(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int):
     """(out in x's layout rule, the winners, table, ranges, x as the kernels read it)."""
-    from kernels import dynopool as k
+    from msdp_kernels import dynopool as k
 
     xk = _in_kernel_layout(x)
     tab, rng = k.coordinates(alpha, delta, x.shape[2], x.shape[3], h_out, w_out)
@@ -53,7 +53,7 @@ def _forward(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int):
 def _backward(xk: Tensor, grad: Tensor, win: Tensor, tab: Tensor, rng: Tensor, need_x: bool, need_coords: bool):
     """(d x in xk's layout or None, d (alpha_h, alpha_w, delta_h, delta_w) in fp32 or None);
     xk: x as the forward's kernels read it (``_in_kernel_layout``)."""
-    from kernels import dynopool as k
+    from msdp_kernels import dynopool as k
 
     if k.is_channels_last(xk) and not k.is_channels_last(grad):
         grad = grad.contiguous(memory_format=torch.channels_last)
@@ -91,7 +91,7 @@ def _pool_op(x: Tensor, alpha: Tensor, delta: Tensor, h_out: int, w_out: int) ->
 
 @_pool_op.register_fake
 def _(x, alpha, delta, h_out, w_out):
-    from kernels import dynopool as k
+    from msdp_kernels import dynopool as k
 
     n, c, h, w = x.shape
     fmt = torch.channels_last if k.is_channels_last(x) else torch.contiguous_format

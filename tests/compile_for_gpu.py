@@ -2,7 +2,7 @@
 and ptxas run here, so errors only a GPU compile meets (the interpreter runs Python) show up in
 CI. Integer arguments equal to 1 are compiled as the constexprs Triton makes of them. For the
 merge kernels it also checks the premise of their 2-byte setting: the chunk loop's loads become
-asynchronous copies (kernels/merge.py's docstring).
+asynchronous copies (msdp_kernels/merge.py's docstring).
 Run as a script (tests/test_compile_for_gpu.py does, without TRITON_INTERPRET)."""
 import sys
 from pathlib import Path
@@ -12,8 +12,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import dynopool as kd  # noqa: E402
-from kernels import merge as km  # noqa: E402
+from msdp_kernels import dynopool as kd  # noqa: E402
+from msdp_kernels import merge as km  # noqa: E402
 
 I32 = "i32"
 

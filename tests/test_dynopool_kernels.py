@@ -1,6 +1,6 @@
 """DynOPool's Triton kernels (under TRITON_INTERPRET=1 on CPU) against the fp64 reference.
 
-The kernels take their coordinates from a table (kernels.dynopool.coordinates), so the checks
+The kernels take their coordinates from a table (msdp_kernels.dynopool.coordinates), so the checks
 are split where the rounding is: the table against the reference's fp64 `queries` and their
 fp64 autograd derivatives; the operator (forward, gradients to x, alpha and delta) against the
 fp64 reference evaluated at the table's own coordinates, with bounds from the few fp32
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dynopool import DynOPool2d, dynopool2d
 from dynopool import pool as pool_module
 from dynopool import reference
-from kernels import dynopool as k
+from msdp_kernels import dynopool as k
 
 from .helpers import DEVICE, assert_within
 

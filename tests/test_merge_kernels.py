@@ -1,4 +1,4 @@
-"""The Triton merge kernels (kernels/merge.py) against the reference, on CPU tensors under
+"""The Triton merge kernels (msdp_kernels/merge.py) against the reference, on CPU tensors under
 TRITON_INTERPRET=1 (tests/conftest.py) or on CUDA where there is one. Small tensors: the
 interpreter pays ~0.5 ms per program."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import modelstock
-from kernels import merge as kmerge
+from msdp_kernels import merge as kmerge
 from modelstock import MergeReport
 
 from .helpers import DEVICE, assert_within, finetuned_like, merge_tolerance, spec_merge_fp64

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels.dispatch import check_backend, choose_backend
+from msdp_kernels.dispatch import check_backend, choose_backend
 
 from ..dtypes import dtype_name
 from ..plan import Layer
@@ -32,7 +32,7 @@ class LayerEntry:
 
 def resolve_backend(backend: str, device, compute_dtype="float32") -> str:
     """The kernels compute in fp32: "auto" takes them for fp32 merges of CUDA tensors, and
-    "triton" with another compute dtype is an error (see ``kernels/dispatch.py``)."""
+    "triton" with another compute dtype is an error (see ``msdp_kernels/dispatch.py``)."""
     check_backend(backend)
     fp32 = dtype_name(compute_dtype) == "float32"
     if backend == "triton" and not fp32:

@@ -1,4 +1,4 @@
-"""The merge on the Triton kernels (``kernels/merge.py``): all merged layers of a state dict in
+"""The merge on the Triton kernels (``msdp_kernels/merge.py``): all merged layers of a state dict in
 one Gram launch and one merge launch per (storage dtype, output dtype) group.
 
 The tables the kernels read (addresses, tiles) depend only on where the tensors live, so they
@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kernels import merge as kmerge
+from msdp_kernels import merge as kmerge
 
 from .. import reference as _torch_ops
 from ..layer import check_extrapolation, require_finite, undefined_ratio

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels.dispatch import check_backend
+from msdp_kernels.dispatch import check_backend
 
 from ..dtypes import dtype_name, float_dtype
 from ..layer import INT_POLICIES
@@ -17,7 +17,7 @@ class MergeOptions:
     clamp: bool = True               # cos in [0, 1]; False: the authors' formula
     exclude: tuple[str, ...] = ()    # globs: these get the fine-tuned models' plain average
     eps: float = EPS
-    backend: str = "auto"            # "auto" | "torch" | "triton" (kernels/dispatch.py)
+    backend: str = "auto"            # "auto" | "torch" | "triton" (msdp_kernels/dispatch.py)
     out_dtype: str | None = None     # None: each tensor keeps the base's dtype
     compute_dtype: str = "float32"   # or "float64"
     int_tensors: str = "max"         # non-float tensors that differ: "max" | "base" | "refuse" (layer.py)
