@@ -1,21 +1,39 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+# One version, single-sourced: msdp_kernels/_version.py (read here without importing anything).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "msdp_kernels" / "_version.py").read_text(), re.M)[1]
+
+# What each extra brings, named after what a user does with it; a missing one is a one-line
+# error naming `pip install "modelstock-dynopool[<extra>]"` (modelstock/extras.py).
+EXTRAS = {
+    "mergekit": ["pyyaml", "transformers", "huggingface_hub"],  # mergekit configs, tokenizer_source, hub ids
+    "plot": ["matplotlib"],                                      # --plot, MergeReport.plot
+    "clip": ["open_clip_torch"],                                 # open_clip-shaped synthetic checkpoints
+    "dynopool-export": ["onnx", "onnxscript", "onnxruntime"],    # torch.onnx.export of a frozen model
+    "triton": ["triton"],                                        # the CUDA kernels (torch's Linux wheels bring it)
+}
+EXTRAS["demo"] = ["open_clip_torch", "matplotlib", "scikit-learn"]
+EXTRAS["dev"] = sorted({*sum(EXTRAS.values(), []), "pytest", "pytest-benchmark", "safetensors", "peft", "timm"})
 
 setup(
     name="modelstock-dynopool",
-    version="0.1.0",
+    version=VERSION,
     description="Model Stock checkpoint merging and DynOPool, with Triton kernels and PyTorch references",
-    long_description=open("README.md").read(),
+    long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
-    packages=find_packages(include=["msdp_kernels", "msdp_kernels.*", "modelstock", "modelstock.*", "dynopool", "dynopool.*"]),
-    install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm", "pyyaml"],
-    extras_require={
-        "triton": ["triton"],
-        "clip": ["open_clip_torch"],
-        "plot": ["matplotlib"],
-        "demo": ["open_clip_torch", "matplotlib", "scikit-learn"],
-        "dev": ["pytest", "pytest-benchmark", "open_clip_torch", "matplotlib", "triton", "scikit-learn", "transformers",
-                "timm==1.0.31", "onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0"],
-    },
+    packages=find_packages(include=["msdp_kernels", "msdp_kernels.*", "modelstock", "modelstock.*", "dynopool",
+                                    "dynopool.*"]),
+    # numpy: the file merge's arithmetic; tqdm: its progress bar; torch: everything in memory.
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["modelstock = modelstock.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "Operating System :: POSIX :: Linux",
+                 "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

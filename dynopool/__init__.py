@@ -7,11 +7,13 @@ are learned end to end.
     loss = task_loss + ComputeCostLoss(resnet, (1, 3, 224, 224), budget=1.5e9)()
     deployable = freeze(resnet, (1, 3, 224, 224))  # static sizes: torch.export, ONNX, TorchScript
 """
+from msdp_kernels._version import __version__
+
 from .cost import ComputeCostLoss, count_macs
 from .freeze import FrozenDynOPool2d, freeze
 from .pool import DynOPool2d, dynopool2d, plan_sizes, read_sizes_once
 from .surgery import SurgeryReport, replace_pooling
 from .training import param_groups, split_parameters
 
-__all__ = ["DynOPool2d", "dynopool2d", "count_macs", "ComputeCostLoss", "replace_pooling", "SurgeryReport",
+__all__ = ["__version__", "DynOPool2d", "dynopool2d", "count_macs", "ComputeCostLoss", "replace_pooling", "SurgeryReport",
            "plan_sizes", "read_sizes_once", "param_groups", "split_parameters", "freeze", "FrozenDynOPool2d"]

@@ -12,7 +12,7 @@ numpy with ``merge_files`` and the others, torch with ``merge`` (in-memory) and 
 torch-format files; open_clip, matplotlib and triton only with the functions that need them.
 (The command line relies on this: it sets up numpy's BLAS before numpy loads, see cli.main.)
 """
-__version__ = "0.1.0"
+from msdp_kernels._version import __version__  # noqa: E402 - one version for the distribution
 __all__ = ["merge", "merge_", "InPlaceMerge", "PeriodicMerge", "merge_files", "MergeReport", "LayerStats",
            "InputError"]
 

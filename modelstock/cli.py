@@ -28,7 +28,10 @@ def _size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from msdp_kernels._version import __version__
+
     p = argparse.ArgumentParser(prog="modelstock", description="Model Stock checkpoint merging (ECCV 2024).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser(
         "merge", help="merge a pre-trained checkpoint with fine-tuned ones",
@@ -145,13 +148,17 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import MergeWarning
+    from .extras import MissingExtra
 
     args = _parser().parse_args(argv)
     _single_threaded_blas()
     with warnings.catch_warnings():  # the merge's warnings as one line each, no source lines
         warnings.simplefilter("always", MergeWarning)
         warnings.showwarning = _print_warning
-        return _mergekit_yaml(args) if args.command == "mergekit-yaml" else _merge(args)
+        try:
+            return _mergekit_yaml(args) if args.command == "mergekit-yaml" else _merge(args)
+        except MissingExtra as e:  # an optional dependency: one line with the pip install
+            return _fail(str(e))
 
 
 def _merge(args) -> int:
@@ -201,6 +208,7 @@ def _check_extra_outputs(args, inputs) -> None:
     and (for the plot) matplotlib importable, all before the merge runs."""
     from .io.outputs import check_output_file
     from .errors import InputError
+    from .extras import require
 
     extras = [e for e in (args.report, args.plot) if e]
     for extra in extras:
@@ -209,10 +217,7 @@ def _check_extra_outputs(args, inputs) -> None:
     if len(set(outputs)) < len(outputs):
         raise InputError("--output, --report and --plot must name different files", extras[0])
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InputError("--plot needs matplotlib (pip install matplotlib)", args.plot) from None
+        require("matplotlib", "--plot")
 
 
 def _mergekit_yaml(args) -> int:

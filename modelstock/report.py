@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .extras import require
 from .ratio import Ratio
 
 
@@ -130,8 +131,7 @@ class MergeReport:
     def plot(self, path: str | os.PathLike) -> None:
         """Angle and ratio per merged layer, in state-dict order, as the paper's layer-wise
         figures; layers where the clamp acted are marked."""
-        import matplotlib
-
+        matplotlib = require("matplotlib", "the plot")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

@@ -14,10 +14,12 @@ from typing import Sequence
 
 import torch
 
+from .extras import require
+
 
 def clip_shapes(model_name: str = "ViT-B-32") -> dict[str, tuple[int, ...]]:
     """Names and shapes of an open_clip model's state dict, without allocating its weights."""
-    import open_clip
+    open_clip = require("open_clip", "open_clip-shaped checkpoints")
 
     with torch.device("meta"):
         model = open_clip.create_model(model_name, pretrained=None, device="meta")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..dtypes import FLOAT_ALIASES
 from ..errors import InputError
+from ..extras import require
 
 METHOD = "model_stock"
 SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths, "
@@ -66,7 +67,7 @@ def _dtype(value, key: str) -> str | None:
 
 def load(config_path) -> ModelStockConfig:
     """Parse and check a mergekit config; InputError (one line) for anything this cannot honour."""
-    import yaml
+    yaml = require("yaml", "reading a mergekit config")
 
     path = Path(config_path)
     try:

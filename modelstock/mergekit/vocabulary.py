@@ -21,6 +21,7 @@ import numpy as np
 
 from ..backends import numpy_ops
 from ..errors import InputError
+from ..extras import require
 from ..io import TensorSource
 from ..plan import canonical_name
 
@@ -43,11 +44,7 @@ def vocab_size(folder: Path) -> int:
 
 def _vocab(folder: Path) -> dict[str, int] | None:
     """The tokenizer's token -> id, as transformers loads it; None where the folder has none."""
-    try:
-        import transformers
-    except ImportError:
-        raise InputError("tokenizer source base reads the tokenizers with transformers: pip install transformers",
-                         str(folder)) from None
+    transformers = require("transformers", "tokenizer source base (reading the tokenizers)")
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder)).get_vocab()
     except Exception:  # no tokenizer, or one transformers cannot load: mergekit assumes the base's
