@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .conftest import CACHE, RESULTS, machine_record
+from .conftest import CACHE, figure, machine_record, save_record
 
 ROUNDS = int(os.environ.get("MODELSTOCK_BENCH_ROUNDS", "3"))
 TENSORS, ROWS, COLS = 8, 4096, 4096  # fp32: 64 MiB a tensor
@@ -111,6 +111,8 @@ def test_dcp_merge_peak_memory(benchmark, tmp_path):
                                      "seconds": seconds["dcp"] / seconds["safetensors"]}},
     }
     benchmark.extra_info.update(record)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"cpu-merge-files-dcp-{record['date']}.json").write_text(json.dumps(record, indent=1) + "\n")
-    assert growth["dcp"] <= bound, record
+    save_record(f"cpu-merge-files-dcp-{record['date']}.json", record)
+    for key in ("dcp", "safetensors"):
+        figure("3 x 8 x 64 MiB", f"peak RSS growth, {key} inputs", record["peak_rss_growth_mib"][key], "MiB",
+               f"<= {bound // MIB} MiB" if key == "dcp" else "")
+    figure("3 x 8 x 64 MiB", "time dcp / safetensors", record["ratio_vs"]["safetensors"]["seconds"], "x")

@@ -22,3 +22,11 @@ def device():
     from .helpers import DEVICE
 
     return DEVICE
+
+
+def pytest_configure(config):
+    # `make test-fast` leaves these out; `make test` (CI) runs everything.
+    for name, what in (("slow", "takes more than a few seconds on 2 cores"),
+                       ("distributed", "starts torch.distributed ranks (gloo processes)"),
+                       ("subprocess", "runs other processes (the CLI, pip, a second merge)")):
+        config.addinivalue_line("markers", f"{name}: {what}")
