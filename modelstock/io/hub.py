@@ -47,6 +47,11 @@ def resolve(ref: str | os.PathLike) -> Path:
     if parsed is None or path.exists():
         return path
     repo, revision = parsed
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise InputError("not a local path, and reading hub ids needs huggingface_hub (pip install "
+                         "huggingface_hub)", str(ref)) from None
     offline = offline_mode()
     folder = _snapshot(ref, repo, revision, SAFETENSORS, offline)
     if not offline and not any(folder.glob("*.safetensors")):  # a model saved without safetensors
@@ -83,20 +88,18 @@ def is_snapshot(folder: Path) -> bool:
 
 
 def _snapshot(ref: str, repo: str, revision: str | None, weights, offline: bool) -> Path:
-    try:
-        from huggingface_hub import errors, snapshot_download
-    except ImportError:
-        raise InputError("not a local path, and reading hub ids needs huggingface_hub (pip install "
-                         "huggingface_hub)", ref) from None
+    from huggingface_hub import errors, snapshot_download
+
     cache = cache_dir()
     at = f" at revision {revision!r}" if revision else ""
     incomplete = getattr(errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 2
     try:
         return Path(snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
                                       allow_patterns=[*COMPANIONS, *weights]))
-    except incomplete as e:
-        raise InputError(f"not a local path, and the cached snapshot of hub id {repo}{at} lacks files: "
-                         f"{str(e).split(': ', 1)[-1].split('.')[0]}", ref) from None
+    except incomplete as e:  # an interrupted download, offline
+        missing = re.search(r"\d+ file\(s\) are missing \(.*?\)", " ".join(str(e).split()))
+        raise InputError(f"not a local path, and the cached snapshot of hub id {repo}{at} is incomplete"
+                         f"{': ' + missing.group(0) if missing else ''}", ref) from None
     except errors.LocalEntryNotFoundError:
         why = "offline (HF_HUB_OFFLINE)" if offline else "and the hub cannot be reached"
         raise InputError(f"not a local path, and hub id {repo}{at} is not in the Hugging Face cache ({cache}), "
