@@ -3,6 +3,7 @@ mergekit configs, offline, from a cache laid out as huggingface_hub lays it out 
 its own scan_cache_dir): the snapshot of the revision asked for, only the model's own files
 read, a local path first, one line for an id the cache lacks."""
 import hashlib
+import json
 import os
 import sys
 
@@ -109,13 +110,15 @@ def test_mergekit_config_takes_hub_ids_from_the_cache_at_their_revision(hub, tmp
 
 
 def test_merge_takes_hub_ids_and_a_local_path_of_that_name_wins(hub, tmp_path, opened, monkeypatch):
-    folders, states, cache, _ = hub
+    folders, states, cache, snapshots = hub
     monkeypatch.chdir(tmp_path)
     (tmp_path / "acme").mkdir()
     (tmp_path / "acme" / "ft").symlink_to(folders[1])  # a local acme/ft: ft1, where the cache's main is ft2
     out = tmp_path / "out"
-    assert main(["merge", "acme/base", "acme/ft", str(folders[2]), "-o", str(out), "--quiet"]) == 0
+    assert main(["merge", "acme/base", "acme/ft", str(folders[2]), "-o", str(out), "--report", "r.json", "--quiet"]) == 0
     check_merge(out, states, clamp=True)
+    inputs = json.loads((tmp_path / "r.json").read_text())["inputs"]  # the weights read: the snapshot's, the local
+    assert inputs[0].startswith(str(snapshots[0]) + os.sep) and inputs[1].startswith(os.path.join("acme", "ft", "")), inputs
     only_model_files_read(opened, cache)
     assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
                                                "tokenizer.json", "special_tokens_map.json"}
