@@ -159,3 +159,14 @@ def test_online_the_id_is_downloaded_at_its_revision_model_files_only(hub, tmp_p
     assert main(["merge", "acme/base", "acme/ft@v2", str(folders[2]), "-o", str(out), "--quiet"]) == 0
     assert asked == [("acme/base", None, False), ("acme/ft", "v2", False)]
     check_merge(out, states, clamp=True)
+
+
+def test_without_huggingface_hub_an_id_is_one_line_naming_the_extra(hub, tmp_path, capsys, monkeypatch):
+    folders, _, _, _ = hub
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["merge", "acme/base", str(folders[1]), str(folders[2]), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "acme/base" in err[0] and "pip install 'modelstock-dynopool[mergekit]'" in err[0], err
+    assert not out.exists()

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from ..errors import InputError
+from ..extras import require
 
 # what mergekit's own tokenizer handling copies from the base (--copy-tokenizer, its default)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -47,11 +48,7 @@ def resolve(ref: str | os.PathLike) -> Path:
     if parsed is None or path.exists():
         return path
     repo, revision = parsed
-    try:
-        import huggingface_hub  # noqa: F401
-    except ImportError:
-        raise InputError("not a local path, and reading hub ids needs huggingface_hub (pip install "
-                         "huggingface_hub)", str(ref)) from None
+    require("huggingface_hub", f"{ref}: not a local path; reading it as a hub id")
     offline = offline_mode()
     folder = _snapshot(ref, repo, revision, SAFETENSORS, offline)
     if not offline and not any(folder.glob("*.safetensors")):  # a model saved without safetensors
