@@ -195,7 +195,9 @@ def test_base_tokenizer_with_fine_tunes_that_added_tokens_merges_the_base_tokens
     config.write_text(PUBLISHED.format(b=folders[0], f=folders[1], g=folders[2], tokenizer=tokenizer))
     out = tmp_path / "out"
     capsys.readouterr()
-    assert main(["mergekit-yaml", str(config), str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["mergekit-yaml", str(config), str(out), "--quiet"]) == 0
+    notice = [line for line in capsys.readouterr().err.splitlines() if "tokenizer source base" in line]
+    assert len(notice) == 1 and all(f"{f} (130 rows)" in notice[0] for f in folders[1:]), notice
     got = merged_state(out)
     assert {k: v.shape for k, v in got.items()} == {
         k: (rows, 32) if k in ("model.embed_tokens.weight", "lm_head.weight") else v.shape for k, v in states[0].items()}

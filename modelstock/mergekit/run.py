@@ -65,7 +65,7 @@ def _vocabulary(cfg: ModelStockConfig, notice):
         with open_checkpoint(path) as ck:
             rows = vocabulary.stored_rows(ck, names, kept)
         if rows is not None and rows != total:
-            resized.append(f"{path} ({rows})")
+            resized.append(f"{path} ({rows} rows)")
     if not resized:
         return None, None
     notice(f"tokenizer source base: {', '.join(names)} resized to {total} rows ({kept} tokens"
