@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                     "Checkpoints: .safetensors, a sharded *.safetensors.index.json (or its folder), "
                     ".pt/.pth/.bin (loaded with weights_only=True), a torch.distributed.checkpoint "
                     "folder (.metadata and *.distcp; the model's weights are read).")
-    m.add_argument("checkpoints", nargs="+", metavar="CKPT", help="BASE FT1 FT2 [FT...]")
+    m.add_argument("checkpoints", nargs="+", metavar="CKPT", help="BASE FT1 FT2 [FT...]: paths, or Hugging Face hub "
+                   "ids (org/name, org/name@revision: from the cache, downloaded when online; a local path wins)")
     m.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output file: .safetensors (streamed) or .pt; a folder when BASE is a Hugging Face "
                    "model folder (config.json beside its weights): the merged weights and the base's other "
@@ -167,6 +168,11 @@ def _merge(args) -> int:
                      "modelstock merge BASE FT1 FT2 [FT...] -o OUT")
     try:  # every output path is checked before any input is read
         _check_extra_outputs(args, args.checkpoints)
+        from .io import hub
+
+        # hub ids become their snapshot folders; a path stays as typed (errors quote it)
+        args.checkpoints = [c if hub.parse(c) is None or os.path.exists(c) else str(hub.resolve(c))
+                            for c in args.checkpoints]
     except ValueError as e:
         return _fail(str(e))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,23 @@ class MergeReport:
     def parameters(self) -> int:
         return sum(layer.numel for layer in self.layers)
 
+    def by_depth(self, layers: list[LayerStats] | None = None) -> list[LayerStats]:
+        """``layers`` (all by default) ordered by depth: ``layers.2`` before ``layers.10``
+        (files store names sorted as text; state dicts in construction order)."""
+        return sorted(self.layers if layers is None else layers, key=lambda layer: depth_key(layer.name))
+
     @property
     def clamped_layers(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.clamped]
+        return [layer.name for layer in self.by_depth() if layer.clamped]
+
+    @property
+    def ratio_outside_layers(self) -> list[str]:
+        """The layers where t left [0, 1] (in any row; only without the clamp), by depth."""
+        return [layer.name for layer in self._outside()]
+
+    def _outside(self) -> list[LayerStats]:
+        return [layer for layer in self.by_depth() if layer.kind == "merge" and layer.t_min is not None
+                and (layer.t_min < 0 or layer.t_max > 1)]
 
     @property
     def differing_int_tensors(self) -> list[str]:
@@ -101,18 +116,42 @@ class MergeReport:
             f"{kinds['base']} tensor(s) missing in some fine-tuned models taken from the base." if kinds["base"] else "",
             f"{len(self.dropped)} tensor(s) the base lacks left out: {_first(self.dropped)}." if self.dropped else "",
             f"Mean angle between fine-tuned updates {angle:.2f} deg." if angle is not None else "",
-            f"The [0, 1] clamp acted on {len(self.clamped_layers)} layer(s)"
-            + (f": {_first(self.clamped_layers)}." if self.clamped_layers else "."),
+            self._clamp_summary(),
             f"{self.seconds:.2f} s, {moved / 1e9:.2f} GB read and written"
             + (f" ({moved / 1e9 / self.seconds:.2f} GB/s)." if self.seconds > 0 else "."),
         ]
         return " ".join(p for p in parts if p)
 
+    def _clamp_summary(self) -> str:
+        if self.clamp:
+            return (f"The [0, 1] clamp acted on {len(self.clamped_layers)} layer(s)"
+                    + (f": {_first(self.clamped_layers)}." if self.clamped_layers else "."))
+        outside = self.ratio_outside_layers
+        return ("No clamp (the authors' formula): t left [0, 1] in "
+                + (f"{len(outside)} layer(s): {_first(outside)}." if outside else "no layer."))
+
+    def warn_ratio_outside(self) -> None:
+        """Without the clamp, a t outside [0, 1] extrapolates past the base or the fine-tuned
+        average (t = -36456 where updates nearly cancel): one warning naming the layers."""
+        import warnings
+
+        from .errors import MergeWarning
+
+        outside = self._outside()
+        if self.clamp or not outside:
+            return
+        worst = ", ".join(f"{layer.name} (t = {layer.t_min if layer.t_min < 0 else layer.t_max:.4g})"
+                          for layer in outside[:5])
+        warnings.warn(f"without the clamp, the ratio t left [0, 1] in {len(outside)} layer(s), extrapolating "
+                      f"past the base or the fine-tuned average: {worst}{' ...' if len(outside) > 5 else ''}",
+                      MergeWarning, stacklevel=3)
+
     # --- files -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(method="model_stock", parameters=self.parameters, mean_angle_deg=self.mean_angle_deg,
-                 clamped_layers=self.clamped_layers, differing_int_tensors=self.differing_int_tensors)
+        d.update(method="model_stock", layers=[asdict(layer) for layer in self.by_depth()], parameters=self.parameters,
+                 mean_angle_deg=self.mean_angle_deg, clamped_layers=self.clamped_layers,
+                 ratio_outside_layers=self.ratio_outside_layers, differing_int_tensors=self.differing_int_tensors)
         return d
 
     def write_json(self, path: str | os.PathLike) -> None:
@@ -129,13 +168,13 @@ class MergeReport:
         return cls(**fields, layers=layers)
 
     def plot(self, path: str | os.PathLike) -> None:
-        """Angle and ratio per merged layer, in state-dict order, as the paper's layer-wise
-        figures; layers where the clamp acted are marked."""
+        """Angle and ratio per merged layer, by depth, as the paper's layer-wise figures;
+        layers where the clamp acted are marked."""
         matplotlib = require("matplotlib", "the plot")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        merged = self.merged_layers()
+        merged = self.by_depth(self.merged_layers())
         x = range(len(merged))
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(merged) / 25), 6), sharex=True)
         ax1.plot(x, [m.angle_deg for m in merged], ".", ms=3)
@@ -148,7 +187,7 @@ class MergeReport:
         ax2.set_ylabel("ratio t")
         ticks, labels = layer_groups([m.name for m in merged])
         ax2.set_xticks(ticks, labels, rotation=90, fontsize="x-small")
-        ax2.set_xlabel("layer, by block (state-dict order)")
+        ax2.set_xlabel("layer, by block (by depth)")
         ax2.legend(loc="upper right", fontsize="small")
         fig.suptitle(f"Model Stock, N = {self.n}, {self.granularity} granularity: "
                      f"mean angle {self.mean_angle_deg or float('nan'):.1f} deg")
@@ -164,8 +203,6 @@ def layer_groups(names: list[str], most: int = 40) -> tuple[list[int], list[str]
     """Where each block of layers starts and its name, for a plot's x axis: a name up to its
     first number (``visual.transformer.resblocks.3``, ``model.layers.0``), or its first part
     (``token_embedding``); at most ``most`` labels, evenly thinned."""
-    import re
-
     starts, labels = [], []
     for i, name in enumerate(names):
         m = re.match(r"(.*?\.\d+)(?:\.|$)", name)
@@ -175,6 +212,12 @@ def layer_groups(names: list[str], most: int = 40) -> tuple[list[int], list[str]
             labels.append(group)
     step = max(1, -(-len(starts) // most))
     return starts[::step], labels[::step]
+
+
+def depth_key(name: str) -> tuple:
+    """Sort key ordering names by the numbers in them: ``blocks.2.mlp`` before ``blocks.10.attn``
+    (the text between numbers, then each number as a number)."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name)))
 
 
 def _first(names: list[str], count: int = 5) -> str:

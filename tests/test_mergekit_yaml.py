@@ -167,6 +167,52 @@ def test_base_tokenizer_with_fine_tuned_tokenizers_that_differ_is_refused(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("tokenizer,rows", [
+    ("tokenizer_source: base\n", 128),
+    ("tokenizer:\n  source: base\n", 128),
+    ("tokenizer:\n  source: base\n  pad_to_multiple_of: 48\n", 144),
+])
+def test_base_tokenizer_with_fine_tunes_that_added_tokens_merges_the_base_tokens_rows(tmp_path, capsys, tokenizer,
+                                                                                        rows):
+    """mergekit's tokenizer_source: base maps each model's rows to the base tokenizer's tokens
+    (mergekit/tokenizer/build.py's permutations, embed.py's PermutedEmbeddings): fine-tunes that
+    added tokens (their tokenizers keeping the base's ids) lose the rows past them."""
+    folders, states = save_models(tmp_path, llama, 2)  # 128 embedding rows
+    for f in folders:
+        save_tokenizer(f, 128)
+    for i, f in enumerate(folders[1:], 1):  # as a fine-tune adds tokens: the tokenizer's, then the model's rows
+        tok = transformers.AutoTokenizer.from_pretrained(f)
+        tok.add_tokens(["<tool>", f"<own{i}>"])
+        tok.save_pretrained(f)
+        model = transformers.LlamaForCausalLM.from_pretrained(f)
+        model.resize_token_embeddings(len(tok))
+        with torch.no_grad():  # the new rows trained too
+            model.get_input_embeddings().weight[128:] += 0.1 * torch.randn(2, 32)
+        model.save_pretrained(f)
+        states[i] = merged_state(f)
+        assert states[i]["model.embed_tokens.weight"].shape == (130, 32)
+    config = tmp_path / "ms.yml"
+    config.write_text(PUBLISHED.format(b=folders[0], f=folders[1], g=folders[2], tokenizer=tokenizer))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["mergekit-yaml", str(config), str(out), "--quiet"]) == 0
+    notice = [line for line in capsys.readouterr().err.splitlines() if "tokenizer source base" in line]
+    assert len(notice) == 1 and all(f"{f} (130 rows)" in notice[0] for f in folders[1:]), notice
+    got = merged_state(out)
+    assert {k: v.shape for k, v in got.items()} == {
+        k: (rows, 32) if k in ("model.embed_tokens.weight", "lm_head.weight") else v.shape for k, v in states[0].items()}
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
+    for k, v in got.items():
+        w0, ws = states[0][k], [s[k] for s in states[1:]]
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):  # the base's 128 tokens, then the pad
+            w0, *ws = (torch.cat([w[:128], w[:128].mean(0, keepdim=True).expand(rows - 128, -1)]) for w in [w0, *ws])
+        want, t = spec_merge_fp64(w0, ws, clamp=False)
+        assert_within(v, want, merge_tolerance(want, w0, ws, w0.dtype, t=t), k)
+    assert transformers.AutoTokenizer.from_pretrained(out).get_vocab() == \
+        transformers.AutoTokenizer.from_pretrained(folders[0]).get_vocab()
+    assert transformers.LlamaForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape == (rows, 32)
+
+
 # every option of mergekit-yaml 0.1.5's --help, as a user would pass it (values where it takes one)
 MERGEKIT_FLAGS = [
     ["--allow-crimes"], ["--no-allow-crimes"], ["--unsafe-truncate-embeddings"], ["--no-unsafe-truncate-embeddings"],

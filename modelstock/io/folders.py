@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from . import index, safetensors, torch_file
+from . import hub, index, safetensors, torch_file
 from .atomic import write_atomic
 from .outputs import is_hf_weight_file
 
@@ -34,8 +34,11 @@ def is_weights(name: str) -> bool:
 
 
 def companion_files(folder: Path) -> list[Path]:
-    """The base folder's files that are not weights (top level; hidden files left out)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not is_weights(p.name))
+    """The base folder's files that are not weights (top level; hidden files left out); of a
+    hub cache's snapshot, only the model's own (config, tokenizer: ``hub.COMPANIONS``)."""
+    wanted = (lambda name: name in hub.COMPANIONS) if hub.is_snapshot(folder) else (lambda name: True)  # noqa: E731
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and not is_weights(p.name) and wanted(p.name))
 
 
 def prepare(out: Path, companions: list[Path], force: bool, extra_names=()) -> bool:

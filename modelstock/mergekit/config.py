@@ -16,13 +16,13 @@ from pathlib import Path
 from ..dtypes import FLOAT_ALIASES
 from ..errors import InputError
 from ..extras import require
+from ..io import hub
+from ..io.hub import TOKENIZER_FILES
 
 METHOD = "model_stock"
-SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths, "
+SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths or hub ids "
+             "(org/name, org/name@revision), "
              "parameters: filter_wise, dtype, out_dtype, tokenizer_source: base (or tokenizer: {source: base})")
-# what mergekit's own tokenizer handling copies from the base (--copy-tokenizer, its default)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja")
 _KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name", "tokenizer_source",
          "tokenizer"}
 
@@ -38,22 +38,34 @@ class ModelStockConfig:
     ignored: list[str] = field(default_factory=list)
     tokenizer_source: str | None = None     # "base": embeddings and head resized to the base's tokenizer
     pad_to_multiple_of: int | None = None
+    given: dict[Path, str] = field(default_factory=dict)  # each model as the config names it (a hub id, a path)
 
 
-def _model_path(entry, where: str, root: Path) -> Path:
+def _model_path(entry, where: str, root: Path, given: dict) -> Path:
+    path = _resolve(entry, where, root)
+    given[path] = entry["model"] if isinstance(entry, dict) else entry
+    return path
+
+
+def _resolve(entry, where: str, root: Path) -> Path:
     if isinstance(entry, dict):
         if set(entry) - {"model", "parameters"}:
             raise InputError(f"{where}: keys {sorted(set(entry) - {'model', 'parameters'})} are not supported; {SUPPORTED}")
         entry = entry.get("model")
     if not isinstance(entry, str) or not entry:
-        raise InputError(f"{where}: a model must be a path; {SUPPORTED}")
+        raise InputError(f"{where}: a model must be a path or a hub id; {SUPPORTED}")
     if "+" in entry:
         raise InputError(f"{where}: {entry!r}: a model with a LoRA (+) is not supported; {SUPPORTED}")
     path = Path(entry).expanduser()
-    if not path.is_absolute():
-        path = root / path if (root / path).exists() else path
+    if not path.is_absolute() and (root / path).exists():  # beside the config first, as a path
+        return root / path
+    if hub.parse(entry) is not None:  # a local path wins; else the hub's snapshot (cache first offline)
+        try:
+            return hub.resolve(entry)
+        except InputError as e:
+            raise InputError(f"{where}: {entry!r}: {e.message}") from None
     if not path.exists():
-        raise InputError(f"{where}: {entry!r} is not a local path (hub ids are not downloaded); {SUPPORTED}")
+        raise InputError(f"{where}: {entry!r} is neither a local path nor a hub id (org/name); {SUPPORTED}")
     return path
 
 
@@ -98,13 +110,14 @@ def load(config_path) -> ModelStockConfig:
     root = path.parent
     if "base_model" not in cfg:
         raise InputError(f"model_stock needs a base_model; {SUPPORTED}", str(path))
-    base = _model_path(cfg["base_model"], "base_model", root)
+    given = {}
+    base = _model_path(cfg["base_model"], "base_model", root, given)
     entries = cfg.get("models") or []
     if not isinstance(entries, list):
         raise InputError(f"models must be a list; {SUPPORTED}", str(path))
     finetuned = []
     for i, entry in enumerate(entries):
-        p = _model_path(entry, f"models[{i}]", root)
+        p = _model_path(entry, f"models[{i}]", root, given)
         if isinstance(entry, dict) and entry.get("parameters"):
             ignored.append(f"models[{i}].parameters (model_stock does not use per-model parameters)")
         if p.resolve() != base.resolve():  # mergekit counts the base once, wherever it is listed
@@ -113,7 +126,8 @@ def load(config_path) -> ModelStockConfig:
         raise InputError(f"model_stock needs at least two models besides the base, got {len(finetuned)}", str(path))
     return ModelStockConfig(base=base, finetuned=finetuned, filter_wise=bool(params.get("filter_wise", False)),
                             dtype=_dtype(cfg.get("dtype"), "dtype"), out_dtype=_dtype(cfg.get("out_dtype"), "out_dtype"),
-                            text=text, ignored=ignored, tokenizer_source=tokenizer_source, pad_to_multiple_of=pad)
+                            text=text, ignored=ignored, tokenizer_source=tokenizer_source, pad_to_multiple_of=pad,
+                            given=given)
 
 
 def _tokenizer(cfg: dict, source: str) -> tuple[str | None, int | None]:
@@ -140,11 +154,12 @@ def _tokenizer(cfg: dict, source: str) -> tuple[str | None, int | None]:
 
 def model_card(cfg: ModelStockConfig, out: Path) -> str:
     """The README.md mergekit writes beside a merge, in the same spirit: what, how, the config."""
-    models = "\n".join(f"* {p}" for p in cfg.finetuned)
+    models = "\n".join(f"* {cfg.given.get(p, p)}" for p in cfg.finetuned)
+    base = cfg.given.get(cfg.base, cfg.base)
     return (f"---\nlibrary_name: transformers\ntags:\n- merge\n- model_stock\n---\n# {out.name}\n\n"
             "This is a merge of pre-trained language models made with modelstock-dynopool's "
             "`modelstock mergekit-yaml`, from a mergekit configuration.\n\n## Merge Details\n### Merge Method\n\n"
-            f"This model was merged using the Model Stock method (Jang, Yun, Han, ECCV 2024), with {cfg.base} "
+            f"This model was merged using the Model Stock method (Jang, Yun, Han, ECCV 2024), with {base} "
             "as the base.\n\n### Models Merged\n\nThe following models were included in the merge:\n"
             f"{models}\n\n### Configuration\n\nThe following YAML configuration was used to produce this "
             f"model:\n\n```yaml\n{cfg.text.strip()}\n```\n")

@@ -57,14 +57,19 @@ def _vocabulary(cfg: ModelStockConfig, notice):
     from ..io import open_checkpoint
     from . import vocabulary
 
-    plan = vocabulary.plan_rows(cfg.base, cfg.finetuned, cfg.pad_to_multiple_of)
-    if plan is None:
-        return None, None
-    kept, total, rows = plan
+    kept, total = vocabulary.plan_rows(cfg.base, cfg.finetuned, cfg.pad_to_multiple_of)
     with open_checkpoint(cfg.base) as ck:
-        names = vocabulary.vocab_tensors(ck.tensors(), rows)
-    notice(f"tokenizer source base: {', '.join(names)} resized from {rows} to {total} rows "
-           f"({kept} tokens{', padded' if total > kept else ''}), as mergekit does")
+        names = vocabulary.vocab_tensors(ck.tensors(), vocabulary.vocab_size(cfg.base))
+    resized = []  # "where (rows)" of each input whose rows change: the base's padding, fine-tunes' added tokens
+    for path in [cfg.base, *cfg.finetuned]:
+        with open_checkpoint(path) as ck:
+            rows = vocabulary.stored_rows(ck, names, kept)
+        if rows is not None and rows != total:
+            resized.append(f"{path} ({rows} rows)")
+    if not resized:
+        return None, None
+    notice(f"tokenizer source base: {', '.join(names)} resized to {total} rows ({kept} tokens"
+           f"{', padded' if total > kept else ''}) from {', '.join(resized)}, as mergekit does")
     return (lambda source: vocabulary.Resized(source, names, kept, total)), {"vocab_size": total}
 
 

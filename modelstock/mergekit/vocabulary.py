@@ -7,7 +7,9 @@ rows, and merges the resized tensors (so the ratio is taken over those rows). He
 fine-tuned models must number the base's tokens as the base does (fine-tunes of one base do;
 tokenizers that differ need mergekit's token surgery, refused with one line). The rows are then
 a prefix of each stored tensor (a view, no copy) plus, when padded, the mean rows; the config's
-``vocab_size`` says the new count. Checked against mergekit 0.1.5's output in
+``vocab_size`` says the new count. Fine-tunes that added tokens (rows past the base's tokens,
+their tokenizers keeping the base's ids) lose those rows, as in mergekit, whose output has no
+place for tokens the base's tokenizer lacks. Checked against mergekit 0.1.5's output in
 ``benchmarks/mergekit_yaml_vs.py``.
 """
 from __future__ import annotations
@@ -51,9 +53,8 @@ def _vocab(folder: Path) -> dict[str, int] | None:
         return None
 
 
-def plan_rows(base: Path, finetuned: list[Path], pad_to_multiple_of: int | None) -> tuple[int, int, int] | None:
-    """(rows kept, rows in all, the base's vocab_size) for the vocabulary tensors, or None when
-    the base's tokenizer already fits them."""
+def plan_rows(base: Path, finetuned: list[Path], pad_to_multiple_of: int | None) -> tuple[int, int]:
+    """(rows kept, rows in all) of the vocabulary tensors: the base's tokens, padded."""
     rows = vocab_size(base)
     vocab = _vocab(base)
     if vocab is None:
@@ -69,7 +70,21 @@ def plan_rows(base: Path, finetuned: list[Path], pad_to_multiple_of: int | None)
     total = len(kept)
     if pad_to_multiple_of:
         total = -(-total // pad_to_multiple_of) * pad_to_multiple_of
-    return None if total == rows else (len(kept), total, rows)
+    return len(kept), total
+
+
+def stored_rows(source: TensorSource, names, kept: int) -> int | None:
+    """The rows ``source`` stores for the vocabulary tensors ``names`` (None if it has none);
+    InputError where they disagree or fall short of the ``kept`` tokens."""
+    wanted = set(names)
+    found = {canonical_name(n): s[0] for n, (_, s) in source.tensors().items() if canonical_name(n) in wanted}
+    if not found:
+        return None
+    name, rows = min(found.items(), key=lambda kv: kv[1])
+    if rows < kept:
+        raise InputError(f"tokenizer source base: {rows} rows, fewer than the base's {kept} tokens (mergekit would "
+                         "fill the rest from the base: not supported here)", source.path, name)
+    return rows
 
 
 def vocab_tensors(tensors: dict, rows: int) -> list[str]:

@@ -213,5 +213,6 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
     finally:
         if bar is not None:
             bar.close()
+    report.warn_ratio_outside()
     report.seconds = time.perf_counter() - start
     return report
