@@ -162,20 +162,22 @@ def _merge(args) -> int:
         extras = _reserve_extra_outputs(args, args.checkpoints)
     except ValueError as e:
         return _fail(str(e))
+    # the handler can only be installed from the main thread (main() may run elsewhere)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return _merge_and_report(args, extras)
     finally:
         for _, f in extras:  # nothing once put in place; else the report's temporary
             f.abort()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _merge_and_report(args, extras) -> int:
     from .io.commit import committing
     from .merging.files import merge_files  # numpy only: torch is imported just for torch-format files
 
-    # the handler can only be installed from the main thread (main() may run elsewhere)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         report = merge_files(
             args.checkpoints[0], args.checkpoints[1:], args.output,
@@ -191,9 +193,6 @@ def _merge_and_report(args, extras) -> int:
         return _fail(_stopped("terminated (SIGTERM)", e, args.output), 128 + signal.SIGTERM)
     except KeyboardInterrupt as e:
         return _fail(_stopped("interrupted", e, args.output), 130)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
     for option, f in extras:
         try:
@@ -203,9 +202,13 @@ def _merge_and_report(args, extras) -> int:
                 f.commit(args.force)
         except (Exception, KeyboardInterrupt) as e:
             f.abort()
-            why = "interrupted" if isinstance(e, KeyboardInterrupt) else \
-                _os_error(e, f.target) if isinstance(e, OSError) else str(e)
-            return _fail(f"the merge is in place ({args.output}), but {option} {f.target} was not written: {why}")
+            if isinstance(e, Terminated):
+                code, why = 128 + signal.SIGTERM, "terminated (SIGTERM)"
+            elif isinstance(e, KeyboardInterrupt):
+                code, why = 130, "interrupted"
+            else:
+                code, why = EXIT_BAD_INPUT, _os_error(e, f.target) if isinstance(e, OSError) else str(e)
+            return _fail(f"the merge is in place ({args.output}), but {option} {f.target} was not written: {why}", code)
     if not args.quiet:
         print(report.summary())
     return 0

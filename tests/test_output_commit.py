@@ -7,7 +7,6 @@ model's weights with the other's tokenizer; a Ctrl-C removed the whole new folde
 notes in it; "exists, use --force" was checked only at the start; --report/--plot on a full or
 read-only place ended in a traceback after the merge, leaving `.report.json.tmp`; a `.pt` output
 on a full disk ended in a traceback."""
-import contextlib
 import errno
 import json
 import os
@@ -182,17 +181,15 @@ def test_an_output_file_written_by_another_process_meanwhile_is_kept(tmp_path, n
 
 # --- --report / --plot ---------------------------------------------------------------------
 
-@contextlib.contextmanager
-def mounted(where, options):
-    """A tmpfs mounted at ``where`` (root only); skips the test where that is not possible."""
+def _mount_tmpfs(where, options) -> bool:
+    """A tmpfs at ``where`` (root only, and where the container allows); False if not."""
     where.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
+    return done.returncode == 0
+
+
+def _umount(where):
+    subprocess.run(["umount", "-l", str(where)], check=True)
 
 
 class _FillingFile:
@@ -216,14 +213,15 @@ class _FillingFile:
 def full_disk(tmp_path, monkeypatch):
     """A folder on a nearly full disk (``room`` bytes left): a small tmpfs where one can be
     mounted (root), else the writes of output files under it made to fail as a full disk's do."""
-    where = tmp_path / "full"
-    room = 16 << 10
-    if os.geteuid() == 0:
-        with mounted(where, "size=64k,mode=0777") as where:
-            (where / "filler").write_bytes(b"\0" * (64 * 1024 - room))
+    where, size, room = tmp_path / "full", 64 << 10, 16 << 10
+    if os.geteuid() == 0 and _mount_tmpfs(where, f"size={size},mode=0777"):
+        try:
+            (where / "filler").write_bytes(b"\0" * (size - room))
             yield where
+        finally:
+            _umount(where)
         return
-    where.mkdir()
+    where.mkdir(exist_ok=True)
     left = [room]
     real_open = open
 
@@ -272,17 +270,20 @@ def test_a_report_in_a_read_only_place_is_refused_before_the_merge(tmp_path, cap
     paths, _, _ = _big_set(tmp_path)
     paths[0] = paths[0] / "model.safetensors"
     out = tmp_path / "o.safetensors"
-    if os.geteuid() == 0:
-        context = mounted(tmp_path / "ro", "ro,size=64k")
-    else:
-        (tmp_path / "ro").mkdir(mode=0o555)
-        context = contextlib.nullcontext(tmp_path / "ro")
-    with context as ro:
+    ro = tmp_path / "ro"
+    if os.geteuid() != 0:
+        ro.mkdir(mode=0o555)
+    elif not _mount_tmpfs(ro, "ro,size=64k"):  # root writes anywhere a file system allows
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
         for option, name in (("--report", "r.json"), ("--plot", "p.png")):
             rc = main(["merge", *map(str, paths), "-o", str(out), option, str(ro / name), "--quiet"])
             err = capsys.readouterr().err.strip()
             assert rc == 2 and len(err.splitlines()) == 1 and str(ro / name) in err, err
             assert not out.exists() and entries(ro) == []
+    finally:
+        if os.geteuid() == 0:
+            _umount(ro)
 
 
 def test_a_report_written_by_another_process_meanwhile_is_kept(tmp_path):

@@ -5,6 +5,7 @@ a power cut) left behind. The renames follow ``commit.py``'s rules (a lock, no r
 without ``replace``)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -125,7 +126,8 @@ class AtomicFolder:
                     os.rename(self.target / name, self.path / name)
             raise
         self._placed = True  # every file is in; what is left is the (now empty) private folder
-        self.path.rmdir()
+        with contextlib.suppress(OSError):  # not empty: another process wrote into it; the sweep's
+            self.path.rmdir()
         for name in stale:
             if name not in names:
                 (self.target / name).unlink(missing_ok=True)
