@@ -69,8 +69,12 @@ def entries(folder):
 # (saying "writing" on stdout) until the file GO exists: a merge another process or a signal can
 # meet mid-way.
 _PAUSED = textwrap.dedent("""
-    import os, sys, time
+    import errno, fcntl, os, sys, time
     from modelstock import cli
+    if os.environ.get("NO_FLOCK"):  # a file system that refuses flock on a folder (some network ones)
+        def refused(fd, op):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        fcntl.flock = refused
     from modelstock.merging import cpu_pipeline
     real, go = cpu_pipeline.stream, sys.argv[1]
     def paused(inputs, layers, entries, write, *args, **kwargs):
@@ -88,9 +92,9 @@ _PAUSED = textwrap.dedent("""
 """)
 
 
-def paused_merge(go, *argv):
+def paused_merge(go, *argv, env=None):
     proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(go), *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline().strip()
     if line != "writing":
         proc.kill()
@@ -98,11 +102,13 @@ def paused_merge(go, *argv):
     return proc
 
 
-def test_two_merges_into_one_new_folder_exactly_one_wins(tmp_path):
+@pytest.mark.parametrize("lock", ["flock", "lock file"])
+def test_two_merges_into_one_new_folder_exactly_one_wins(tmp_path, lock):
     a, a_base, a_fts = model_set(tmp_path, "a", seed=1)
     b, b_base, b_fts = model_set(tmp_path, "b", seed=2)
     out, go = tmp_path / "merged", tmp_path / "go"
-    procs = [paused_merge(go, *paths, "-o", out) for paths in (a, b)]  # both past their start-time checks
+    env = dict(os.environ, NO_FLOCK="1") if lock == "lock file" else None
+    procs = [paused_merge(go, *paths, "-o", out, env=env) for paths in (a, b)]  # both past their start checks
     go.touch()  # both resume at once and race to put their output in place
     done = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
     codes = sorted(d[2] for d in done)
@@ -116,7 +122,8 @@ def test_two_merges_into_one_new_folder_exactly_one_wins(tmp_path):
     for name in ("config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (paths[0] / name).read_bytes(), name
     check_merged(out / "model.safetensors", base, fts)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no private folder left
+    # no private folder, no lock file left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_ctrl_c_keeps_what_another_process_wrote_into_the_new_output_folder(tmp_path):
