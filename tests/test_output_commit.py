@@ -314,6 +314,11 @@ def test_an_output_ending_in_a_separator_names_a_folder_never_a_file(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "names a folder" in err, err
     assert not (tmp_path / "dir").exists()
+    for option in ("--report", "--plot"):  # the same for the report and the plot
+        rc = main(["merge", *map(str, files), "-o", str(tmp_path / "o.safetensors"), option,
+                   str(tmp_path / "r") + os.sep, "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "names a folder" in err and not (tmp_path / "r").exists(), err
     # a model-folder base makes a folder output: the separator is fine there
     assert main(["merge", *map(str, paths), "-o", str(tmp_path / "dir") + os.sep, "--quiet"]) == 0
     assert entries(tmp_path / "dir") == ["config.json", "model.safetensors", "tokenizer.json"]

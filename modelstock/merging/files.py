@@ -19,7 +19,7 @@ from ..dtypes import nbytes
 from ..io import CheckpointWriter, TensorSource, folders, open_checkpoint, output_paths, remove_stale_temporaries
 from ..io.atomic import AtomicFolder, remove_stale
 from ..io.leases import InputGuard
-from ..io.outputs import check_not_an_input, check_output_file
+from ..io.outputs import check_not_an_input, check_output_file, names_a_folder
 from ..plan import dropped_tensors, plan_layers, warn_unmatched
 from ..ratio import EPS
 from ..report import MergeReport
@@ -99,7 +99,7 @@ def merge_files(
     if isinstance(finetuned, (str, os.PathLike)):
         raise TypeError("finetuned must be a sequence of paths")
     require_two_finetuned(len(finetuned))
-    if _names_a_folder(out) and not folders.is_model_folder(base):
+    if names_a_folder(out) and not folders.is_model_folder(base):
         raise InputError("ends with a path separator, so it names a folder, but the output is a file (the base is "
                          "no model folder with a config.json): name the file, e.g. "
                          f"{os.path.join(out, 'merged.safetensors')}", str(out))
@@ -171,11 +171,6 @@ def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOption
     report.output = [str(p) for p in sorted(placed, key=lambda p: p.name not in weights_names)]
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _names_a_folder(out) -> bool:
-    text = os.fspath(out)
-    return isinstance(text, str) and text.endswith(tuple(s for s in (os.sep, os.altsep) if s))
 
 
 def _nothing_merged(metas, sources, missing: str) -> str:
