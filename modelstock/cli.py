@@ -167,20 +167,30 @@ def _merge(args) -> int:
         return _fail(f"needs at least two fine-tuned checkpoints (got {len(args.checkpoints) - 1}): "
                      "modelstock merge BASE FT1 FT2 [FT...] -o OUT")
     try:  # every output path is checked before any input is read
-        _check_extra_outputs(args, args.checkpoints)
         from .io import hub
 
         # hub ids become their snapshot folders; a path stays as typed (errors quote it)
         args.checkpoints = [c if hub.parse(c) is None or os.path.exists(c) else str(hub.resolve(c))
                             for c in args.checkpoints]
+        extras = _reserve_extra_outputs(args, args.checkpoints)
     except ValueError as e:
         return _fail(str(e))
-
-    from .merging.files import merge_files  # numpy only: torch is imported just for torch-format files
-
     # the handler can only be installed from the main thread (main() may run elsewhere)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        return _merge_and_report(args, extras)
+    finally:
+        for _, f in extras:  # nothing once put in place; else the report's temporary
+            f.abort()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _merge_and_report(args, extras) -> int:
+    from .io.commit import committing
+    from .merging.files import merge_files  # numpy only: torch is imported just for torch-format files
+
     try:
         report = merge_files(
             args.checkpoints[0], args.checkpoints[1:], args.output,
@@ -190,40 +200,73 @@ def _merge(args) -> int:
             chunk_size=args.chunk_size, progress=not args.quiet and sys.stderr.isatty())
     except ValueError as e:  # a bad input (InputError) or option value (shard size, granularity)
         return _fail(str(e))
-    except OSError as e:  # disk full, permissions: nothing was left behind, but it is not the input's fault
-        return _fail(f"{e.filename or args.output}: {e.strerror or e}", 1)
-    except Terminated:
-        return _fail("terminated (SIGTERM); nothing was written", 128 + signal.SIGTERM)
-    except KeyboardInterrupt:
-        return _fail("interrupted; nothing was written", 130)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    except OSError as e:  # disk full, permissions: nothing was left behind
+        return _fail(_os_error(e, args.output))
+    except Terminated as e:
+        return _fail(_stopped("terminated (SIGTERM)", e, args.output), 128 + signal.SIGTERM)
+    except KeyboardInterrupt as e:
+        return _fail(_stopped("interrupted", e, args.output), 130)
 
-    if args.report:
-        report.write_json(args.report)
-    if args.plot:
-        report.plot(args.plot)
+    for option, f in extras:
+        try:
+            (report.write_json if option == "--report" else report.plot)(f.f)
+            f.finish()
+            with committing(f.target):
+                f.commit(args.force)
+        except (Exception, KeyboardInterrupt) as e:
+            f.abort()
+            if isinstance(e, Terminated):
+                code, why = 128 + signal.SIGTERM, "terminated (SIGTERM)"
+            elif isinstance(e, KeyboardInterrupt):
+                code, why = 130, "interrupted"
+            else:
+                code, why = EXIT_BAD_INPUT, _os_error(e, f.target) if isinstance(e, OSError) else str(e)
+            return _fail(f"the merge is in place ({args.output}), but {option} {f.target} was not written: {why}", code)
     if not args.quiet:
         print(report.summary())
     return 0
 
 
-def _check_extra_outputs(args, inputs) -> None:
-    """--report and --plot: writable where they point, clear of the inputs and the output,
-    and (for the plot) matplotlib importable, all before the merge runs."""
-    from .io.outputs import check_output_file
+def _os_error(e: OSError, where) -> str:
+    return f"{e.filename or where}: {e.strerror or e}"
+
+
+def _stopped(what: str, e: BaseException, output) -> str:
+    if getattr(e, "committed", False):  # the signal came while the output was put in place
+        return f"{what} once the output was in place ({output}); no report or plot written"
+    return f"{what}; nothing was written"
+
+
+def _reserve_extra_outputs(args, inputs) -> list:
+    """--report and --plot: clear of the inputs and the output, (for the plot) matplotlib
+    importable, and writable where they point, proved by creating each one's temporary now
+    (written and renamed once the merge is in place), all before the merge runs. Returns
+    [(option, AtomicFile)]."""
     from .errors import InputError
     from .extras import require
+    from .io.atomic import AtomicFile
+    from .io.outputs import check_output_file
 
-    extras = [e for e in (args.report, args.plot) if e]
-    for extra in extras:
+    extras = [(o, e) for o, e in (("--report", args.report), ("--plot", args.plot)) if e]
+    for _, extra in extras:
         check_output_file(extra, inputs, args.force)
-    outputs = [os.path.realpath(args.output)] + [os.path.realpath(e) for e in extras]
+    outputs = [os.path.realpath(args.output)] + [os.path.realpath(e) for _, e in extras]
     if len(set(outputs)) < len(outputs):
-        raise InputError("--output, --report and --plot must name different files", extras[0])
+        raise InputError("--output, --report and --plot must name different files", extras[0][1])
     if args.plot:
         require("matplotlib", "--plot")
+    reserved = []
+    try:
+        for option, extra in extras:
+            try:
+                reserved.append((option, AtomicFile(Path(extra))))
+            except OSError as e:
+                raise InputError(f"cannot be written there ({e.strerror or e})", extra) from None
+    except BaseException:
+        for _, f in reserved:
+            f.abort()
+        raise
+    return reserved
 
 
 def _mergekit_yaml(args) -> int:
@@ -252,7 +295,7 @@ def _mergekit_yaml(args) -> int:
     except ValueError as e:  # InputError included
         return _fail(str(e))
     except OSError as e:
-        return _fail(f"{e.filename or out}: {e.strerror or e}", 1)
+        return _fail(_os_error(e, out))
     if not args.quiet:
         print(report.summary())
     return 0

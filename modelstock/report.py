@@ -1,6 +1,7 @@
 """The merge's per-layer figures: what the spec's "report" section lists, as JSON and a plot."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -154,11 +155,9 @@ class MergeReport:
                  ratio_outside_layers=self.ratio_outside_layers, differing_int_tensors=self.differing_int_tensors)
         return d
 
-    def write_json(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        os.replace(tmp, path)
+    def write_json(self, path) -> None:
+        """To ``path``, atomically (a temporary renamed into place), or into a binary file."""
+        _write(path, json.dumps(self.to_dict(), indent=1, allow_nan=False).encode())
 
     @classmethod
     def read_json(cls, path: str | os.PathLike) -> "MergeReport":
@@ -167,9 +166,9 @@ class MergeReport:
         fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**fields, layers=layers)
 
-    def plot(self, path: str | os.PathLike) -> None:
+    def plot(self, path) -> None:
         """Angle and ratio per merged layer, by depth, as the paper's layer-wise figures;
-        layers where the clamp acted are marked."""
+        layers where the clamp acted are marked. ``path`` as ``write_json``'s."""
         matplotlib = require("matplotlib", "the plot")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -192,11 +191,22 @@ class MergeReport:
         fig.suptitle(f"Model Stock, N = {self.n}, {self.granularity} granularity: "
                      f"mean angle {self.mean_angle_deg or float('nan'):.1f} deg")
         fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, path)
+        png = io.BytesIO()
+        try:
+            fig.savefig(png, dpi=120, format="png")
+        finally:
+            plt.close(fig)
+        _write(path, png.getvalue())
+
+
+def _write(path, data: bytes) -> None:
+    """``path``: a binary file (a temporary the caller renames), or a path written atomically."""
+    if hasattr(path, "write"):
+        path.write(data)
+    else:
+        from .io.atomic import write_atomic
+
+        write_atomic(path, data)
 
 
 def layer_groups(names: list[str], most: int = 40) -> tuple[list[int], list[str]]:

@@ -10,6 +10,10 @@ The formats, in the order ``open_checkpoint`` asks them (the first that claims a
   index          an ``*.index.json`` and the shards it names (``index.py``)
   torch file     ``.pt/.pth/.bin/.ckpt`` through ``torch.load(weights_only=True)`` (``torch_file.py``)
   safetensors    any other file (``safetensors.py``)
+Writing: every output is built out of sight (a temporary beside each file, a private folder
+for a folder) and put in place at the end under a lock on the output's folder, with the rule
+"replaced only with force" applied to what is there at that moment (``atomic.py``,
+``commit.py``).
 A new format is one module registered here (``source.register``), held to the reader
 contract (``source.TensorSource``) by the test every format shares.
 """

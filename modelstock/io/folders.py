@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import InputError
 from . import hub, index, safetensors, torch_file
 from .atomic import write_atomic
+from .distributed import METADATA
 from .outputs import is_hf_weight_file
 
 WEIGHTS_NAME = "model.safetensors"
@@ -41,22 +42,29 @@ def companion_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and not is_weights(p.name) and wanted(p.name))
 
 
-def prepare(out: Path, companions: list[Path], force: bool, extra_names=()) -> bool:
-    """Make the output folder (its parent must exist); returns whether it was created. An
-    existing folder needs ``force`` if it holds any file the merge would write or replace:
-    Hugging Face weight files, the base's companions, ``extra_names``."""
+def check_folder(out: Path, companions: list[Path], force: bool, extra_names=()) -> None:
+    """Before any input is read: the output folder's parent exists, and an existing folder
+    needs ``force`` if it holds any file the merge would write or replace: Hugging Face weight
+    files, the base's companions, ``extra_names``. Applied again when the output is put in
+    place (``AtomicFolder.commit`` with ``replaced_files``), on what is there by then."""
     if out.exists() and not out.is_dir():
         raise InputError("the base is a model folder, so the output is a folder, but this is a file", str(out))
     if not out.parent.is_dir():
         raise InputError("the output's folder does not exist", str(out.parent))
     if out.is_dir():
-        written = {c.name for c in companions} | set(extra_names)
-        clash = sorted(p.name for p in out.iterdir() if is_hf_weight_file(p.name) or p.name in written)
+        clash = replaced_files(out, [c.name for c in companions] + list(extra_names))
         if clash and not force:
             raise InputError(f"exists and holds {clash[0]} (use --force / force=True to replace it)", str(out))
-        return False
-    out.mkdir()
-    return True
+
+
+def replaced_files(out: Path, names) -> list[str]:
+    """The files of the existing folder ``out`` that writing ``names`` into it replaces or makes
+    stale: those names, and every Hugging Face weight file (of any layout: another shard count,
+    ``pytorch_model*.bin``, which would shadow the new weights for a loader). Nothing else of
+    the folder is touched (``outputs.py``)."""
+    written = set(names)
+    return sorted(p.name for p in out.iterdir()
+                  if (is_hf_weight_file(p.name) and (p.is_file() or p.is_symlink())) or p.name in written)
 
 
 def copy_companions(companions: list[Path], out: Path, durable: bool) -> list[Path]:
@@ -108,16 +116,6 @@ def write_files(out: Path, files, durable: bool) -> list[Path]:
     return [write_atomic(out / name, data, durable) for name, data in files.items()]
 
 
-def remove_old_weights(out: Path, keep: list[Path]) -> None:
-    """After a forced merge into an existing folder: Hugging Face weights of an earlier layout
-    (other shard counts, ``pytorch_model*.bin``) would shadow the new ones for a loader. Only
-    those go; every other file of the folder stays (``outputs.py``)."""
-    keep_names = {p.name for p in keep}
-    for p in out.iterdir():
-        if is_hf_weight_file(p.name) and p.name not in keep_names and (p.is_file() or p.is_symlink()):
-            p.unlink()
-
-
 def detect(path: Path) -> bool:
     return path.is_dir()
 
@@ -139,5 +137,9 @@ def reader(path: Path):
             return index.ShardedIndex(path / (TORCH_WEIGHTS + index.INDEX_SUFFIX))
         if (path / TORCH_WEIGHTS).is_file():
             return torch_file.TorchFile(path / TORCH_WEIGHTS)
+    if not indexes and not files and any(path.glob("*.distcp")):
+        raise InputError(f"holds .distcp files but no {METADATA}: a distributed checkpoint (torch.distributed.checkpoint) missing its "
+                         f"metadata (dcp.save writes {METADATA} last, from rank 0: was the save interrupted, or the "
+                         "file left out of a copy?)", str(path))
     raise InputError("a folder must hold one *.safetensors.index.json or one .safetensors file (or "
                      f"{TORCH_WEIGHTS}.index.json or {TORCH_WEIGHTS})", str(path))

@@ -48,9 +48,17 @@ def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
                 raise InputError(f"the output lies inside the input folder {p}; choose a path outside it", str(out))
 
 
+def names_a_folder(path: str | os.PathLike) -> bool:
+    """``dir/``: a path ending in a separator names a folder (``Path`` would drop the slash)."""
+    text = os.fspath(path)
+    return isinstance(text, str) and text.endswith(tuple(s for s in (os.sep, os.altsep) if s))
+
+
 def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike], force: bool) -> None:
     """A file the merge will write (a report, a plot, a single-file output): its folder exists,
     it is not a folder, it replaces an existing file only with ``force``, and it is no input."""
+    if names_a_folder(path):
+        raise InputError("ends with a path separator, so it names a folder; this is a file: name it", str(path))
     p = Path(path)
     if not p.parent.is_dir():
         raise InputError("the output's folder does not exist", str(p))

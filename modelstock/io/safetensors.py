@@ -124,7 +124,11 @@ class SafetensorsFile(TensorSource):
             mapped = mmap.mmap(self._fd, first + (end - start) - aligned, prot=mmap.PROT_READ,
                                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=aligned)
         except (OSError, ValueError) as e:
-            raise InputError(f"cannot be mapped ({e}); truncated while open?", self.path, name) from None
+            if os.fstat(self._fd).st_size < self._data_start + end:
+                raise InputError(f"truncated while open: cannot be mapped ({e})", self.path, name) from None
+            if isinstance(e, OSError):  # out of descriptors or memory: not the file's fault
+                raise OSError(e.errno, f"cannot map tensor '{name}': {e.strerror}", self.path) from None
+            raise InputError(f"cannot be mapped ({e})", self.path, name) from None
         return np.frombuffer(mapped, dtype=np_dtype, offset=first - aligned, count=(end - start) // np.dtype(np_dtype).itemsize)
 
     def read_into(self, name: str, dest: np.ndarray, at: int = 0) -> None:

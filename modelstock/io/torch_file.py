@@ -94,8 +94,33 @@ class TorchSink(Sink):
         import torch
 
         self._files = [AtomicFile(self.path, self._durable)]
-        torch.save(self._sd, self._files[0].f)
+        out = _Recording(self._files[0].f)
+        try:
+            torch.save(self._sd, out)
+        except RuntimeError:
+            # torch's zip writer turns the file's error (a full disk) into its own, or hides it
+            # behind a second one on the way out: the file's error is the one to tell
+            if out.error is not None:
+                raise out.error from None
+            raise
         return super().finish()
+
+
+class _Recording:
+    """A file whose write errors are kept for the caller (see ``TorchSink.finish``)."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def detect(path: Path) -> bool:

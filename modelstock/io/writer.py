@@ -17,6 +17,7 @@ import numpy as np
 from ..dtypes import NUMPY_DTYPES, nbytes
 from .arrays import to_numpy
 from .atomic import AtomicFile, remove_stale
+from .commit import committing, taken
 from .index import INDEX_SUFFIX
 from .safetensors import SafetensorsSink
 from .torch_file import TORCH_SUFFIXES, TorchSink
@@ -114,7 +115,10 @@ class CheckpointWriter:
         self._next += 1
         self._sink.write(i, array)
 
-    def commit(self) -> list[Path]:
+    def commit(self, replace: bool = True) -> list[Path]:
+        """Put every file in place, under the output's lock (``commit.py``). Without
+        ``replace``, a file that exists by then (another process wrote it during the merge)
+        is an ``OutputTaken`` error and none of this output's files is put in place."""
         if self._next != len(self._entries):
             raise RuntimeError(f"writer got {self._next} of {len(self._entries)} tensors")
         try:
@@ -130,9 +134,23 @@ class CheckpointWriter:
         except BaseException:
             self.abort()
             raise
-        # The index goes last: a reader never finds an index naming shards not yet in place.
-        for f in files:
-            f.commit()
+        with committing(self.out):
+            if not replace:
+                for p in self.paths:
+                    if os.path.lexists(p):
+                        raise taken(p)
+            done = []
+            try:
+                # The index goes last: a reader never finds an index naming shards not yet in place.
+                for f in files:
+                    f.commit(replace)
+                    done.append(f)
+            except BaseException:
+                if not replace:  # a process that takes no lock raced us: only ours were put in place
+                    for f in done:
+                        f.target.unlink(missing_ok=True)
+                self.abort()
+                raise
         return self.paths
 
     def abort(self) -> None:

@@ -7,7 +7,8 @@ Three threads, one layer after another:
   main    computes the ratio and writes the merged layer into that region;
   writer  appends it to the output file, then releases the region and the mappings.
 Memory stays bounded whatever the checkpoint's size: the ring holds the largest layer plus a
-little read-ahead, and the bytes mapped at once are capped the same way. Nothing is copied
+little read-ahead, and the bytes mapped at once are capped the same way (and the tensors, so
+that file descriptors stay bounded too). Nothing is copied
 from the page cache before the arithmetic reads it.
 """
 from __future__ import annotations
@@ -29,26 +30,34 @@ from .options import MergeOptions
 # Ring capacity and mapped bytes beyond the largest layer's: lets small layers be read ahead
 # of the arithmetic. More only adds memory to touch (page faults cost as much as the copy).
 _READ_AHEAD_BYTES = 32 << 20
+# Input tensors mapped at once, whatever their size: each safetensors mapping holds a file
+# descriptor (Python's mmap keeps its own), so a checkpoint of many small tensors would
+# otherwise run into `ulimit -n` (1024 by default) within its byte budget.
+_MAX_MAPPED = 64
 
 
 class _Budget:
-    """Bytes in flight, acquired in layer order and released in the same order. One request
-    larger than the cap is granted when nothing else is in flight."""
+    """Bytes and input tensors in flight, acquired in layer order and released in the same
+    order. One request over either cap is granted when nothing else is in flight."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, max_tensors: int = _MAX_MAPPED):
         self.cap, self.used, self.closed = cap, 0, False
+        self.max_tensors, self.tensors = max_tensors, 0
         self._cv = threading.Condition()
 
-    def acquire(self, n: int) -> bool:
+    def acquire(self, n: int, tensors: int = 1) -> bool:
         with self._cv:
-            while self.used and self.used + n > self.cap and not self.closed:
+            while (self.tensors and (self.used + n > self.cap or self.tensors + tensors > self.max_tensors)
+                   and not self.closed):
                 self._cv.wait()
             self.used += n
+            self.tensors += tensors
             return not self.closed
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, tensors: int = 1) -> None:
         with self._cv:
             self.used -= n
+            self.tensors -= tensors
             self._cv.notify_all()
 
     def close(self) -> None:
@@ -169,7 +178,7 @@ def _releaser(ring: "_Ring", mapped: _Budget, layer: Layer, inputs):
     def release():
         held.clear()
         ring.release()
-        mapped.release(layer.nbytes_in)
+        mapped.release(layer.nbytes_in, len(layer.names))
     return release
 
 
@@ -226,7 +235,7 @@ def _read_layers(inputs, layers: list[Layer], buffer_elems: dict[str, int], ring
             if layer.copied:
                 ready.put([ck.read(name) for ck, name in zip(inputs, layer.names)])
                 continue
-            if not mapped.acquire(layer.nbytes_in):
+            if not mapped.acquire(layer.nbytes_in, len(layer.names)):
                 return  # the main thread stopped
             region = ring.alloc(buffer_elems[layer.name])
             if region is None:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ..errors import require_two_finetuned
+from ..errors import InputError, require_two_finetuned
 from ..dtypes import nbytes
 from ..io import CheckpointWriter, TensorSource, folders, open_checkpoint, output_paths, remove_stale_temporaries
+from ..io.atomic import AtomicFolder, remove_stale
 from ..io.leases import InputGuard
-from ..io.outputs import check_not_an_input, check_output_file
+from ..io.outputs import check_not_an_input, check_output_file, names_a_folder
 from ..plan import dropped_tensors, plan_layers, warn_unmatched
 from ..ratio import EPS
 from ..report import MergeReport
@@ -99,6 +99,10 @@ def merge_files(
     if isinstance(finetuned, (str, os.PathLike)):
         raise TypeError("finetuned must be a sequence of paths")
     require_two_finetuned(len(finetuned))
+    if names_a_folder(out) and not folders.is_model_folder(base):
+        raise InputError("ends with a path separator, so it names a folder, but the output is a file (the base is "
+                         "no model folder with a config.json): name the file, e.g. "
+                         f"{os.path.join(out, 'merged.safetensors')}", str(out))
     options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, compute_dtype, int_tensors,
                            missing)
     pipeline = _pipeline(device, backend, chunk_size, progress)
@@ -149,21 +153,40 @@ def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOption
     if config is not None:  # the config says the new dtype and values (a model folder has one)
         extra_files = {"config.json": config, **extra_files}
         companions = [p for p in companions if p.name != "config.json"]
-    created = folders.prepare(out, companions, output.force, extra_names=extra_files)
+    folders.check_folder(out, companions, output.force, extra_names=extra_files)
+    remove_stale_temporaries(out)  # private folders of merges into ``out`` that were killed
+    remove_stale(out, AtomicFolder.INSIDE)
+    # Built out of sight and put in place at the end, under the output's lock (io/atomic.py)
+    staging = AtomicFolder(out, output.durable)
     try:
-        weights = _Output(out / folders.WEIGHTS_NAME, output.shard_size, output.force, output.durable)
+        weights = _Output(staging.path / folders.WEIGHTS_NAME, output.shard_size, output.force, output.durable)
         report = _merge_open(inputs, weights, options, pipeline, start)
-        copied = folders.copy_companions(companions, out, output.durable)
-        copied += folders.write_files(out, extra_files, output.durable)
+        folders.copy_companions(companions, staging.path, output.durable)
+        folders.write_files(staging.path, extra_files, output.durable)
+        placed = staging.commit(output.force, folders.replaced_files)
     except BaseException:
-        if created:  # nothing of ours is left in it (each file is written atomically)
-            shutil.rmtree(out, ignore_errors=True)
+        staging.abort()
         raise
-    written = [Path(p) for p in report.output]
-    folders.remove_old_weights(out, written)
-    report.output = [str(p) for p in written + copied]
+    weights_names = {Path(p).name for p in report.output}
+    report.output = [str(p) for p in sorted(placed, key=lambda p: p.name not in weights_names)]
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _nothing_merged(metas, sources, missing: str) -> str:
+    """Why no tensor would be merged, saying what each input holds (a PEFT adapter, typically)."""
+    parts = []
+    for meta, source in zip(metas, sources):
+        first = next(iter(meta), None)
+        what = f"{source}: {len(meta)} tensor(s)" + (f", e.g. '{first}'" if first else "")
+        folder = Path(source) if os.path.isdir(source) else Path(source).parent
+        if (folder / "adapter_config.json").is_file() or any(".lora_" in n for n in meta):
+            what += " (a PEFT adapter, not a model's weights: merge it into its model first, e.g. peft's " \
+                    "merge_and_unload(), and give that)"
+        parts.append(what)
+    cause = "the inputs share no floating-point tensor" + (
+        " (--missing base would only copy the base)" if missing == "base" else "")
+    return f"nothing to merge: {cause}; " + "; ".join(parts)
 
 
 def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float) -> MergeReport:
@@ -172,6 +195,8 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
     metas = [ck.tensors() for ck in inputs]
     layers = plan_layers(metas, sources, granularity=options.granularity, exclude=options.exclude,
                          missing=options.missing)
+    if not any(layer.kind in ("merge", "average") for layer in layers):
+        raise InputError(_nothing_merged(metas, sources, options.missing))
     warn_unmatched(layers, options.exclude)
     entries = [(layer.name, layer.out_dtype(options.out_dtype), layer.shape) for layer in layers]
     input_files = [f for ck in inputs for f in ck.files()]
@@ -209,7 +234,7 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
                     gpu_pipeline.stream(inputs, layers, entries, write, report, bar, options, device=pipeline.device,
                                         chunk_bytes=pipeline.chunk_bytes, check=guard.check)
             guard.check()  # every layer was read before any other process could change an input
-            report.output = [str(p) for p in writer.commit()]
+            report.output = [str(p) for p in writer.commit(replace=output.force)]
     finally:
         if bar is not None:
             bar.close()
