@@ -77,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser(
         "mergekit-yaml", help="run a mergekit config (merge_method: model_stock) as mergekit-yaml would",
         description="Read mergekit's YAML for merge_method: model_stock (base_model, models, parameters: "
-                    "filter_wise, dtype, out_dtype; local paths) and write what mergekit-yaml writes: a "
-                    "folder with the merged weights, the base's config and tokenizer, a README.md and the config.")
+                    "filter_wise, dtype, out_dtype; local paths or hub ids org/name[@revision]) and write "
+                    "what mergekit-yaml writes: a folder with the merged weights, the base's config and "
+                    "tokenizer, a README.md and the config.")
     k.add_argument("config", metavar="CONFIG")
     k.add_argument("out_path", metavar="OUT_PATH")
     k.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=False,

@@ -25,5 +25,5 @@ def require(module: str, purpose: str):
         return importlib.import_module(module)
     except ImportError:
         package, extra = _EXTRAS[module.split(".")[0]]
-        raise MissingExtra(f"{purpose} needs {package}: pip install '{DISTRIBUTION}[{extra}]'",
-                           name=module) from None
+        raise MissingExtra(f"{purpose} needs {package}: pip install {package} "
+                           f"(or {DISTRIBUTION}'s extra [{extra}])", name=module) from None
