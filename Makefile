@@ -36,7 +36,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 RECORD=$(RECORD) $(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-only --benchmark-quiet
 
 # The pure-Python packages a lent GPU machine lacks (its own torch/triton, Python 3.12), for
-# benchmarks/gpu_check.sh: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"]).
+# benchmarks/gpu_check.sh, which installs them from .whl/ on that machine.
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
