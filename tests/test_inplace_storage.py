@@ -201,3 +201,81 @@ def test_shared_tensors_under_two_ranks_equal_one_process(tmp_path, wrap):
                     tol = 0 if wrap == "ddp" else REL * float(want[k].abs().max())  # sharded: sums in another order
                     err = float((v.double() - want[k].double()).abs().max())
                     assert err <= tol, (k, err)
+
+
+# ------------------------------------------------------------- both papers at once, under FSDP2
+
+STEPS, BATCH = 4, 4  # a merge after steps 2 and 4; an equal share of each batch on 2 ranks
+
+
+def train_and_merge(models, x, y, probe, mesh=None):
+    """SGD steps on the models (BatchNorm in eval mode: a share of the batch gives the whole
+    batch's gradients), PeriodicMerge every 2; returns the merged weights' fp64-formula error at
+    the first merge, each model's final state and its output on ``probe``."""
+    base = small_surgered_cnn()
+    for m in models:
+        m.eval()  # BatchNorm's running statistics; DynOPool learns the same in eval mode
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(m[3], mesh=mesh)
+            fully_shard(m, mesh=mesh)
+    from dynopool import param_groups
+
+    opts = [torch.optim.SGD(param_groups(m, lr=0.05), lr=0.05) for m in models]
+    merger = PeriodicMerge(base, models, every=2, backend="torch")
+    errors = []
+    for step in range(STEPS):
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x[step]), y[step]).backward()
+            opt.step()
+        before = [snapshot(m) for m in models]
+        if merger.step() and not errors:
+            base_sd = base.state_dict()
+            for k, v in snapshot(models[0]).items():
+                if v.is_floating_point():
+                    want, _ = spec_merge_fp64(base_sd[k], [s[k] for s in before])
+                    errors.append((k, float((v.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))))
+    with torch.no_grad():
+        outs = [m(probe).detach().cpu() for m in models]
+    return {"errors": errors, "states": [snapshot(m) for m in models], "outs": outs}
+
+
+def both_papers_data():
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(STEPS, BATCH, 3, 16, 16, generator=g), torch.randint(0, 10, (STEPS, BATCH), generator=g),
+            torch.randn(2, 3, 16, 16, generator=g))
+
+
+def _both_papers(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    with process_group(rank, world, init_file):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        x, y, probe = both_papers_data()
+        per = BATCH // world
+        share = slice(rank * per, (rank + 1) * per)
+        record = train_and_merge(finetunes(small_surgered_cnn), x[:, share], y[:, share], probe,
+                                 init_device_mesh("cpu", (world,)))
+        torch.save(record, os.path.join(out_dir, f"both{rank}.pt"))
+
+
+def test_both_papers_under_fsdp2_equal_one_process(tmp_path):
+    mp.spawn(_both_papers, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' kernels
+    try:
+        want = train_and_merge(finetunes(small_surgered_cnn), *both_papers_data())
+    finally:
+        torch.set_num_threads(threads)
+    for record in [want] + [torch.load(tmp_path / f"both{r}.pt") for r in (0, 1)]:
+        assert record["errors"] and all(err <= REL for _, err in record["errors"]), \
+            [e for e in record["errors"] if e[1] > REL]
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"both{r}.pt")
+        for a, b in zip(got["outs"], want["outs"]):
+            torch.testing.assert_close(a, b)
+        for sa, sb in zip(got["states"], want["states"]):
+            for k in sb:
+                torch.testing.assert_close(sa[k], sb[k])
