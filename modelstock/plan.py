@@ -118,7 +118,7 @@ def plan_layers(
             if dtype not in ITEMSIZE:
                 raise InputError(f"dtype {dtype} is not supported", source, n)
             if tuple(int(x) for x in s) != shape:
-                raise InputError(f"shape {list(s)} differs from the base's {list(shape)}", source, n)
+                raise shape_differs(s, shape, source, n)
             if (dtype in FLOATS) != (dtypes[0] in FLOATS):
                 raise InputError(f"dtype {dtype} where the base has {dtypes[0]}", source, n)
         if dtypes[0] not in FLOATS:
@@ -130,6 +130,11 @@ def plan_layers(
         rows = layer_rows(shape, granularity) if kind == "merge" else 1
         layers.append(Layer(name, names, shape, dtypes, kind, rows))
     return layers
+
+
+def shape_differs(shape, base_shape, source: str, name: str) -> InputError:
+    return InputError(f"shape {[int(x) for x in shape]} differs from the base's {[int(x) for x in base_shape]}", source,
+                      name)
 
 
 def warn_unmatched(layers: Sequence[Layer], exclude: Sequence[str]) -> None:

@@ -1,6 +1,7 @@
 """Model Stock on FSDP2-sharded models (DTensor parameters), two and three gloo processes on the
 CPU: the gathered result against the single-process merge of the full state dicts, placements
-kept, one collective per merge, repeated merges while training, bad mixes refused."""
+kept, one collective per merge (after one int for the ranks' agreement), repeated merges while
+training, bad mixes refused."""
 import os
 
 import pytest
@@ -58,9 +59,9 @@ def _rank(rank, world, init_file):
         calls = []
         real = dist.all_reduce
 
-        def counting(*args, **kwargs):
-            calls.append(1)
-            return real(*args, **kwargs)
+        def counting(tensor, *args, **kwargs):
+            calls.append((tensor.dtype, tensor.numel()))
+            return real(tensor, *args, **kwargs)
 
         for n in (2, 3):
             for granularity in ("tensor", "row"):
@@ -92,7 +93,9 @@ def _rank(rank, world, init_file):
                             dist.all_reduce = real
                         assert merged == (step % 2 == 1)
                         if merged:
-                            assert len(calls) == 1, calls  # one collective for every layer together
+                            # the ranks' agreement that every check passed (one int), then one
+                            # collective for every layer's Gram together
+                            assert len(calls) == 2 and calls[0] == (torch.int64, 1), calls
                             check_equal_to_single_process(models, base_sd, snapshot, granularity=granularity,
                                                           clamp=clamp)
                             for m in models:

@@ -4,7 +4,9 @@ device mesh), merged where they lie.
 Each rank computes the Gram partial sums of its local shards of every layer (the reference's
 fp32 products in runs, fp64 sums), at the layer's global rows (``row`` granularity: a row split
 across ranks gets each rank's part). All layers' partials go through **one** all-reduce (fp64)
-per merge; every rank then computes the same ratios and merges its own shards in place. No
+per merge (after one small all-reduce in which the ranks agree that every check passed:
+``merging/agreement.py``); every rank then computes the same ratios and merges its own shards
+in place. No
 parameter is gathered: a rank's memory is its shards (and the base's local shards). A mesh
 dimension the tensor is replicated on contributes once (from its first coordinate).
 """
@@ -68,7 +70,8 @@ def _counts_here(d) -> bool:
     return True
 
 
-def _group(mesh):
+def mesh_group(mesh):
+    """The process group of ``mesh``'s ranks (None: every rank of the job)."""
     if mesh.size() == dist.get_world_size():
         return None  # the default group: every rank of the job
     if mesh.ndim == 1:
@@ -114,23 +117,34 @@ class ShardedLayers:
             self.pieces.append(_Piece(layer, list(tensors), out, layer.rows, row0, local_rows, _counts_here(out)))
 
     def __call__(self, stats: bool = True) -> dict[str, LayerStats]:
-        figures: dict[str, LayerStats] = {}
-        merged = [p for p in self.pieces if p.layer.kind == "merge"]
+        return self.prepare()()
+
+    def prepare(self):
+        """This rank's part before the merge's collective: the checks that need no other rank
+        (so that ranks can agree on them first: ``merging/agreement.py``) and the Gram partial
+        sums. Returns the rest, to be called on every rank: the all-reduce, then the merge."""
         n = len(self.sources) - 1
-        total_rows = sum(p.rows for p in merged)
+        for p in self.pieces:
+            if p.layer.kind == "average":
+                require_finite(reference, [t.to_local() for t in p.tensors[1:]], self.sources[1:], p.layer.names[1:])
+        merged = [p for p in self.pieces if p.layer.kind == "merge"]
         if not merged:
-            grams = None
-        else:
-            device = merged[0].out.to_local().device
-            grams = torch.zeros(total_rows, n, n, dtype=torch.float64, device=device)
-            start = 0
-            for p in merged:
-                local = [t.to_local().reshape(-1).to(self.compute_dtype) for t in p.tensors]
-                if p.counts and local[0].numel():
-                    grams[start + p.row0: start + p.row0 + p.local_rows] += reference.gram(local[0], local[1:],
-                                                                                          p.local_rows)
-                start += p.rows
-            dist.all_reduce(grams, group=_group(self.mesh))  # the one collective of the merge
+            return lambda: self._finish(None)
+        grams = torch.zeros(sum(p.rows for p in merged), n, n, dtype=torch.float64,
+                            device=merged[0].out.to_local().device)
+        start = 0
+        for p in merged:
+            local = [t.to_local().reshape(-1).to(self.compute_dtype) for t in p.tensors]
+            if p.counts and local[0].numel():
+                grams[start + p.row0: start + p.row0 + p.local_rows] += reference.gram(local[0], local[1:],
+                                                                                      p.local_rows)
+            start += p.rows
+        return lambda: self._finish(grams)
+
+    def _finish(self, grams) -> dict[str, LayerStats]:
+        figures: dict[str, LayerStats] = {}
+        if grams is not None:
+            dist.all_reduce(grams, group=mesh_group(self.mesh))  # the one collective of the merge's math
         start = 0
         for p in self.pieces:
             local = [t.to_local() for t in p.tensors]
@@ -140,8 +154,7 @@ class ShardedLayers:
                 out.copy_(local[0])
                 figures[p.layer.name] = LayerStats(p.layer.name, list(p.layer.shape), p.layer.numel, "base")
                 continue
-            if p.layer.kind == "average":
-                require_finite(reference, flat[1:], self.sources[1:], p.layer.names[1:])
+            if p.layer.kind == "average":  # checked finite in prepare()
                 result = reference.merge_into(torch.empty_like(flat[0]), None, flat[1:])
                 figures[p.layer.name] = LayerStats(p.layer.name, list(p.layer.shape), p.layer.numel, "average")
             else:

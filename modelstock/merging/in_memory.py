@@ -1,6 +1,7 @@
 """``modelstock.merge``: Model Stock over state dicts (or modules) in memory, on torch."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
@@ -14,7 +15,9 @@ from ..errors import InputError
 from ..plan import canonical_name, dropped_tensors, plan_layers, warn_unmatched
 from ..ratio import EPS
 from ..report import MergeReport
+from .agreement import Agreement
 from .options import MergeOptions
+from .storage import mirror_copies, tied_layers, tied_names
 
 
 def state_dict_of(m: Mapping[str, Tensor] | nn.Module, source: str) -> Mapping[str, Tensor]:
@@ -102,31 +105,42 @@ class InPlaceMerge:
         self.sources = list(sources) if sources else ["base"] + [f"finetuned[{i}]" for i in range(len(finetuned))]
         self.granularity, self.clamp, self.eps = granularity, clamp, eps
         sds = [state_dict_of(m, s) for m, s in zip([base, *finetuned], self.sources)]
+        target_sds = [state_dict_of(m, f"targets[{i}]") for i, m in enumerate(targets)]
+        self._agreement = Agreement.of([base, *finetuned, *targets], [*sds, *target_sds])
+        with self._agreement.scope():  # a check that fails on one rank fails on all
+            self._plan(sds, list(zip(targets, target_sds)), backend, options.compute_dtype)
+
+    def _plan(self, sds, targets, backend, compute_dtype) -> None:
         metas = [{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds]
-        self.layers = plan_layers(metas, self.sources, granularity=granularity, exclude=exclude, missing=missing)
-        warn_unmatched(self.layers, exclude)
+        self.layers = plan_layers(metas, self.sources, granularity=self.granularity, exclude=self.options.exclude,
+                                  missing=self.options.missing)
+        warn_unmatched(self.layers, self.options.exclude)
         self.dropped = dropped_tensors(metas, self.sources)
-        dest = [{canonical_name(k): v for k, v in state_dict_of(m, f"targets[{i}]").items()}
-                for i, m in enumerate(targets)]
-        device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
-        fast = resolve_backend(backend, device, options.compute_dtype) == "triton"
-        by_executor: dict[type, list[LayerEntry]] = {}
+        dest = [{canonical_name(k): v for k, v in sd.items()} for _, sd in targets]
         for layer in self.layers:
             key = canonical_name(layer.name)
             for i, d in enumerate(dest):
                 if key not in d or tuple(d[key].shape) != layer.shape:
                     raise InputError("missing or of another shape than the base's", f"targets[{i}]", layer.name)
+        # A tensor under several names (tied embeddings, a shared module) is merged once, under
+        # its first name: merged again under the next, it would read the first result as input.
+        self._tied = tied_layers(self.layers, tied_names(targets), sds, self.sources)
+        device = next(iter(sds[0].values())).device if sds[0] else torch.device("cpu")
+        fast = resolve_backend(backend, device, compute_dtype) == "triton"
+        by_executor: dict[type, list[LayerEntry]] = {}
+        for layer in self.layers:
+            if layer.name in self._tied:
+                continue
+            key = canonical_name(layer.name)
             entry = LayerEntry(layer, [sd[name] for sd, name in zip(sds, layer.names)], dest[0][key])
             by_executor.setdefault(self._executor(entry, [d[key] for d in dest], fast), []).append(entry)
         # Order of the calls: copies, reference, sharded, kernels (the kernels' launches last,
         # so their one host synchronisation follows every other layer's work).
         order = {CopyLayers: 0, TorchLayers: 1, sharded_backend.ShardedLayers: 2}
-        self._executors = [cls(entries, self.sources, eps=eps, clamp=clamp, compute_dtype=self.compute_dtype,
-                               int_tensors=int_tensors)
+        self._executors = [cls(entries, self.sources, eps=self.eps, clamp=self.clamp,
+                               compute_dtype=self.compute_dtype, int_tensors=self.options.int_tensors)
                            for cls, entries in sorted(by_executor.items(), key=lambda kv: order.get(kv[0], 3))]
-        names = [canonical_name(layer.name) for layer in self.layers]
-        local = lambda t: t.to_local() if sharded_backend.is_dtensor(t) else t  # noqa: E731
-        self._mirrors = [([local(d[k]) for k in names], [local(dest[0][k]) for k in names]) for d in dest[1:]]
+        self._mirrors = mirror_copies(self.layers, self._tied, dest)
 
     def _executor(self, entry: LayerEntry, targets: list, fast: bool) -> type:
         """Which executor merges this layer (``modelstock/backends``); a sharded layer's full
@@ -149,17 +163,26 @@ class InPlaceMerge:
 
     def __call__(self, report: MergeReport | None = None) -> None:
         stats: dict[str, object] = {}
-        for run in self._executors:
-            stats.update(run(report is not None))
-        for dst, src in self._mirrors:
-            torch._foreach_copy_(dst, src)
+        collective = []
+        with self._agreement.scope():  # every rank's checks pass before any rank's collective
+            for run in self._executors:
+                if isinstance(run, sharded_backend.ShardedLayers):
+                    collective.append(run.prepare())
+                else:
+                    stats.update(run(report is not None))
+        for finish in collective:
+            stats.update(finish())
+        if self._mirrors[0]:
+            torch._foreach_copy_(*self._mirrors)
         if report is not None:
             report.n, report.granularity, report.clamp, report.eps = (len(self.sources) - 1, self.granularity,
                                                                        self.clamp, self.eps)
             report.inputs = self.sources
             report.int_tensors, report.missing, report.dropped = self.options.int_tensors, self.options.missing, \
                 list(self.dropped)
-            report.layers.extend(stats[layer.name] for layer in self.layers)
+            # a tensor under several names: its figures under each name, as the out-of-place merge gives
+            report.layers.extend(replace(stats[self._tied[layer.name].name], name=layer.name)
+                                 if layer.name in self._tied else stats[layer.name] for layer in self.layers)
 
 
 def _sharded_entry(entry: LayerEntry, targets, sources) -> bool:

@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from ..backends.sharded import is_dtensor, local_like
-from ..plan import canonical_name
+from ..plan import canonical_name, shape_differs
 from ..ratio import EPS
 from ..report import MergeReport
+from .agreement import Agreement
 from .in_memory import InPlaceMerge, state_dict_of
+from .storage import memory_key
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -47,27 +49,45 @@ class PeriodicMerge:
         if keep_base not in ("device", "host"):
             raise ValueError(f"keep_base must be 'device' or 'host', got {keep_base!r}")
         self.models = [_unwrap(m) for m in models]
+        self._wrapped = list(models)  # what the merge is given: DDP's process group for the agreement
         self.every, self.keep_base, self.steps, self.merges = every, keep_base, 0, 0
         self.options = dict(granularity=granularity, clamp=clamp, exclude=exclude, eps=eps, backend=backend,
                             int_tensors=int_tensors, missing=missing)
+        live_sd = self.models[0].state_dict()
+        with Agreement.of(self._wrapped, [live_sd]).scope():  # a check that fails on one rank fails on all
+            self.base = self._keep(base, live_sd)
+            self._merge = InPlaceMerge(self._wrapped, self.base, self._wrapped, **self.options) \
+                if keep_base == "device" else None
+
+    def _keep(self, base, live_sd) -> dict:
+        """The one copy of w0 (floating tensors; integer buffers are the live ones). A tensor that
+        the base and the models both hold under several names (tied embeddings) is kept once."""
         device = next(self.models[0].parameters()).device
-        where = device if keep_base == "device" else torch.device("cpu")
+        where = device if self.keep_base == "device" else torch.device("cpu")
         # Floating weights: one fixed copy of w0. Integer buffers (BatchNorm's step counters)
         # move on with training: they are read from the first model, so the merge keeps them
         # as long as the models agree (and refuses if they drift apart).
-        live = {canonical_name(k): v for k, v in self.models[0].state_dict().items()}
-        self.base = {}
+        live = {canonical_name(k): (k, v) for k, v in live_sd.items()}
+        kept, copies = {}, {}
         for k, v in state_dict_of(base, "base").items():
-            model_tensor = live.get(canonical_name(k))
+            name, model_tensor = live.get(canonical_name(k), (None, None))
+            memory = (memory_key(v), None if model_tensor is None else memory_key(model_tensor))
             if not v.is_floating_point():
-                self.base[k] = model_tensor if model_tensor is not None else v
+                kept[k] = model_tensor if model_tensor is not None else v
+            elif memory[0] is not None and memory in copies:
+                kept[k] = copies[memory]
             elif is_dtensor(model_tensor) or is_dtensor(v):
-                # sharded models (FSDP2): keep only this rank's shard of w0
+                # sharded models (FSDP2): keep only this rank's shard of w0, sliced from the full
+                # base where the full shapes agree (the plain models' check, on the full shape)
+                if not is_dtensor(v) and tuple(v.shape) != tuple(model_tensor.shape):
+                    raise shape_differs(model_tensor.shape, v.shape, "finetuned[0]", name)
                 shard = v.detach() if is_dtensor(v) else local_like(v, model_tensor)
-                self.base[k] = shard if keep_base == "device" else _HostShard(shard)
+                kept[k] = shard if self.keep_base == "device" else _HostShard(shard)
             else:
-                self.base[k] = v.detach().to(where, copy=True)
-        self._merge = InPlaceMerge(self.models, self.base, self.models, **self.options) if keep_base == "device" else None
+                kept[k] = v.detach().to(where, copy=True)
+            if memory[0] is not None and v.is_floating_point():
+                copies[memory] = kept[k]
+        return kept
 
     def step(self) -> bool:
         """Count one optimizer step; merge when ``every`` steps have passed. Returns whether
@@ -85,9 +105,12 @@ class PeriodicMerge:
             self._merge(report)
         else:
             device = next(self.models[0].parameters()).device
-            base = {k: v.restore() if isinstance(v, _HostShard) else v.to(device, non_blocking=True)
-                    for k, v in self.base.items()}
-            InPlaceMerge(self.models, base, self.models, **self.options)(report)
+            moved: dict[int, object] = {}  # a tensor kept under several names moves once
+            for v in self.base.values():
+                if id(v) not in moved:
+                    moved[id(v)] = v.restore() if isinstance(v, _HostShard) else v.to(device, non_blocking=True)
+            base = {k: moved[id(v)] for k, v in self.base.items()}
+            InPlaceMerge(self._wrapped, base, self._wrapped, **self.options)(report)
         self.merges += 1
 
 
