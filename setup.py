@@ -15,7 +15,7 @@ setup(
         "plot": ["matplotlib"],
         "demo": ["open_clip_torch", "matplotlib", "scikit-learn"],
         "dev": ["pytest", "pytest-benchmark", "open_clip_torch", "matplotlib", "triton", "scikit-learn", "transformers",
-                "timm==1.0.31", "onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0"],
+                "timm==1.0.31", "onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["modelstock = modelstock.cli:main"]},
 )

@@ -60,6 +60,7 @@ class MergeReport:
     int_tensors: str = "max"     # the policy for non-float tensors that differ (layer.INT_POLICIES)
     missing: str = "refuse"      # what was done with tensors some models lack (plan.MISSING)
     dropped: list[str] = field(default_factory=list)  # "source: name" of tensors the base lacks, left out
+    method: str = "model_stock"  # the merge method (modelstock/methods); t is its scale (c_i = t w_i / N)
 
     # --- summaries -------------------------------------------------------------------------
     def merged_layers(self) -> list[LayerStats]:
@@ -110,7 +111,7 @@ class MergeReport:
     # --- files -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(method="model_stock", parameters=self.parameters, mean_angle_deg=self.mean_angle_deg,
+        d.update(method=self.method, parameters=self.parameters, mean_angle_deg=self.mean_angle_deg,
                  clamped_layers=self.clamped_layers, differing_int_tensors=self.differing_int_tensors)
         return d
 

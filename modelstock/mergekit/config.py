@@ -17,7 +17,8 @@ from ..dtypes import FLOAT_ALIASES
 from ..errors import InputError
 
 METHOD = "model_stock"
-SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths, "
+SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths (a model "
+             "may be base_model+lora_path, a PEFT LoRA adapter of the base), "
              "parameters: filter_wise, dtype, out_dtype, tokenizer_source: base (or tokenizer: {source: base})")
 # what mergekit's own tokenizer handling copies from the base (--copy-tokenizer, its default)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -39,7 +40,9 @@ class ModelStockConfig:
     pad_to_multiple_of: int | None = None
 
 
-def _model_path(entry, where: str, root: Path) -> Path:
+def _model_path(entry, where: str, root: Path, base: Path | None = None) -> Path:
+    """A model entry's local path; ``base+adapter`` (mergekit's LoRA syntax, in ``models``) is
+    the adapter's, merged natively from its factors, when its base is ``base``."""
     if isinstance(entry, dict):
         if set(entry) - {"model", "parameters"}:
             raise InputError(f"{where}: keys {sorted(set(entry) - {'model', 'parameters'})} are not supported; {SUPPORTED}")
@@ -47,13 +50,28 @@ def _model_path(entry, where: str, root: Path) -> Path:
     if not isinstance(entry, str) or not entry:
         raise InputError(f"{where}: a model must be a path; {SUPPORTED}")
     if "+" in entry:
-        raise InputError(f"{where}: {entry!r}: a model with a LoRA (+) is not supported; {SUPPORTED}")
+        return _lora_path(entry, where, root, base)
     path = Path(entry).expanduser()
     if not path.is_absolute():
         path = root / path if (root / path).exists() else path
     if not path.exists():
         raise InputError(f"{where}: {entry!r} is not a local path (hub ids are not downloaded); {SUPPORTED}")
     return path
+
+
+def _lora_path(entry: str, where: str, root: Path, base: Path | None) -> Path:
+    from ..io.adapters import is_adapter
+
+    model, lora = entry.split("+", 1)
+    if base is None:
+        raise InputError(f"{where}: {entry!r}: a base_model with a LoRA (+) is not supported; {SUPPORTED}")
+    adapter = _model_path(lora, where, root)
+    if not is_adapter(adapter):
+        raise InputError(f"{where}: {lora!r} is not a PEFT LoRA adapter folder (adapter_config.json)")
+    if _model_path(model, where, root).resolve() != base.resolve():
+        raise InputError(f"{where}: {entry!r}: the LoRA's model must be the base_model (Model Stock merges "
+                         f"updates of one base); {SUPPORTED}")
+    return adapter
 
 
 def _dtype(value, key: str) -> str | None:
@@ -103,7 +121,7 @@ def load(config_path) -> ModelStockConfig:
         raise InputError(f"models must be a list; {SUPPORTED}", str(path))
     finetuned = []
     for i, entry in enumerate(entries):
-        p = _model_path(entry, f"models[{i}]", root)
+        p = _model_path(entry, f"models[{i}]", root, base)
         if isinstance(entry, dict) and entry.get("parameters"):
             ignored.append(f"models[{i}].parameters (model_stock does not use per-model parameters)")
         if p.resolve() != base.resolve():  # mergekit counts the base once, wherever it is listed

@@ -15,16 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ..errors import require_two_finetuned
 from ..dtypes import nbytes
 from ..io import CheckpointWriter, TensorSource, folders, open_checkpoint, output_paths, remove_stale_temporaries
 from ..io.leases import InputGuard
+from ..errors import InputError
 from ..io.outputs import check_not_an_input, check_output_file
 from ..plan import dropped_tensors, plan_layers, warn_unmatched
+from ..methods import resolve
 from ..ratio import EPS
 from ..report import MergeReport
 from ..sizes import parse_size
-from . import cpu_pipeline
+from . import adapters, cpu_pipeline
 from .options import MergeOptions
 
 
@@ -46,7 +47,7 @@ class _Pipeline:
 
 
 def merge_files(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     finetuned: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
@@ -69,6 +70,8 @@ def merge_files(
     extra_files: Mapping[str, bytes] | None = None,
     config_values: Mapping[str, object] | None = None,
     transform: Callable[[TensorSource], TensorSource] | None = None,
+    method="model_stock",
+    adapter: bool = False,
 ) -> MergeReport:
     """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
 
@@ -85,7 +88,13 @@ def merge_files(
     ``from_pretrained(out)`` loads it; ``extra_files`` ({name: bytes}) are written there too, and
     ``config_values`` ({key: value}) set in its ``config.json``. ``transform``: each opened
     input passes through it (mergekit's vocabulary resize, ``modelstock/mergekit/vocabulary.py``).
-    ``int_tensors`` and ``missing``: as :func:`modelstock.merge`'s.
+    ``int_tensors``, ``missing`` and ``method``: as :func:`modelstock.merge`'s.
+
+    Fine-tuned inputs may be PEFT LoRA adapter folders (``adapter_config.json``), alone or
+    beside full checkpoints; ``base`` may then be None (the base the adapters name). The
+    method's statistics come from the adapters' factors (``modelstock/merging/adapters.py``);
+    the output is the full model, or with ``adapter=True`` (every fine-tuned input an adapter)
+    a LoRA adapter folder of rank sum(r_i) whose update is the merge's.
     Nothing is written unless the whole merge succeeds (files are renamed into place at the
     end); ``durable`` also fsyncs them, so they survive a power cut.
 
@@ -98,11 +107,23 @@ def merge_files(
     start = time.perf_counter()
     if isinstance(finetuned, (str, os.PathLike)):
         raise TypeError("finetuned must be a sequence of paths")
-    require_two_finetuned(len(finetuned))
+    if base is None and not adapters.any_adapter(finetuned):
+        raise TypeError("base may be None only when the fine-tuned inputs are LoRA adapters (they name their base)")
+    method = resolve(method, eps=eps, clamp=clamp)
+    method.check_count(len(finetuned))
     options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, compute_dtype, int_tensors,
-                           missing)
+                           missing, method)
     pipeline = _pipeline(device, backend, chunk_size, progress)
     shard_bytes = parse_size(shard_size, "shard_size")
+    if adapter or adapters.any_adapter([base, *finetuned]):  # LoRA inputs: merged from their factors
+        if pipeline.device is not None:
+            raise InputError("LoRA adapter inputs are merged on the CPU (device='cpu'): their merge reads little "
+                             "more than the base")
+        if transform is not None:
+            raise InputError("resizing the vocabulary (tokenizer_source) is not supported with LoRA adapter inputs")
+        return adapters.merge(base, finetuned, out, options, shard_size=shard_bytes, force=force, durable=durable,
+                              adapter=adapter, skip_files=skip_files, extra_files=extra_files,
+                              config_values=config_values)
     # Before any input is opened: the output is none of them, holds none, lies in none.
     check_not_an_input(out, [base, *finetuned])
     inputs = []
@@ -141,8 +162,9 @@ def _pipeline(device: str, backend: str, chunk_size, progress: bool) -> _Pipelin
 
 
 def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float,
-                       skip_files, extra_files: Mapping[str, bytes], config_values) -> MergeReport:
-    """The base is a model folder: the output is a folder laid out like it (``io/folders.py``)."""
+                       skip_files, extra_files: Mapping[str, bytes], config_values, run=None) -> MergeReport:
+    """The base is a model folder: the output is a folder laid out like it (``io/folders.py``).
+    ``run(weights_output)`` writes the weights (default: this module's merge of ``inputs``)."""
     out = output.path
     companions = [p for p in folders.companion_files(base) if p.name not in set(skip_files)]
     config = folders.updated_config(base / "config.json", options.out_dtype, config_values)
@@ -152,7 +174,7 @@ def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOption
     created = folders.prepare(out, companions, output.force, extra_names=extra_files)
     try:
         weights = _Output(out / folders.WEIGHTS_NAME, output.shard_size, output.force, output.durable)
-        report = _merge_open(inputs, weights, options, pipeline, start)
+        report = run(weights) if run else _merge_open(inputs, weights, options, pipeline, start)
         copied = folders.copy_companions(companions, out, output.durable)
         copied += folders.write_files(out, extra_files, output.durable)
     except BaseException:
@@ -166,12 +188,21 @@ def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOption
     return report
 
 
+def merge_metadata(options: MergeOptions, sources: Sequence[str]) -> str:
+    """What an output's metadata records of the merge (the method's own parameters after the
+    count and granularity: Model Stock's clamp and eps where they always were)."""
+    described = options.method.describe()
+    return json.dumps({"method": described["method"], "n": len(sources) - 1, "granularity": options.granularity,
+                       **{k: v for k, v in described.items() if k != "method"}, "exclude": list(options.exclude),
+                       "base": os.path.basename(sources[0]), "finetuned": [os.path.basename(s) for s in sources[1:]]})
+
+
 def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float) -> MergeReport:
     out = output.path
     sources = [ck.path for ck in inputs]
     metas = [ck.tensors() for ck in inputs]
     layers = plan_layers(metas, sources, granularity=options.granularity, exclude=options.exclude,
-                         missing=options.missing)
+                         missing=options.missing, method=options.method)
     warn_unmatched(layers, options.exclude)
     entries = [(layer.name, layer.out_dtype(options.out_dtype), layer.shape) for layer in layers]
     input_files = [f for ck in inputs for f in ck.files()]
@@ -182,13 +213,10 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
     n = len(inputs) - 1
     report = MergeReport(n=n, granularity=options.granularity, clamp=options.clamp, eps=options.eps, inputs=sources,
                          int_tensors=options.int_tensors, missing=options.missing,
-                         dropped=dropped_tensors(metas, sources))
+                         dropped=dropped_tensors(metas, sources), method=options.method.name)
     metadata = dict(inputs[0].metadata)
     metadata.setdefault("format", "pt")  # what save_pretrained writes; transformers 4 refuses files without it
-    metadata["modelstock"] = json.dumps({
-        "method": "model_stock", "n": n, "granularity": options.granularity, "clamp": options.clamp,
-        "eps": options.eps, "exclude": list(options.exclude), "base": os.path.basename(sources[0]),
-        "finetuned": [os.path.basename(s) for s in sources[1:]]})
+    metadata["modelstock"] = merge_metadata(options, sources)
 
     report.bytes_read = sum(layer.nbytes_in for layer in layers)
     report.bytes_written = sum(nbytes(d, s) for _, d, s in entries)

@@ -42,6 +42,7 @@ def merge(
     int_tensors: str = "max",
     missing: str = "refuse",
     report: MergeReport | None = None,
+    method="model_stock",
 ) -> dict[str, Tensor]:
     """Model Stock: merge N >= 2 fine-tuned models with their pre-trained base, layer by layer.
 
@@ -58,18 +59,22 @@ def merge(
     the base's ("base"), or are an error ("refuse"). ``missing``: a tensor some fine-tuned
     model lacks is an error ("refuse") or the base's ("base"; one only fine-tuned models have
     is then left out, as mergekit does).
-    ``report``: a MergeReport to fill with each layer's figures.
+    ``report``: a MergeReport to fill with each layer's figures. ``method``: "model_stock"
+    (default), "uniform" (the fine-tuned models' average), "wise_ft" (one fine-tuned model,
+    alpha 0.5) or a ``modelstock.methods.MergeMethod`` (``WiseFT(alpha=0.3)``); ``clamp`` and
+    ``eps`` are Model Stock's.
     """
     if isinstance(finetuned, (Mapping, nn.Module)):
         raise TypeError("finetuned must be a sequence of state dicts or modules")
     options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, dtype_name(compute_dtype),
-                           int_tensors, missing)
+                           int_tensors, missing, method)
     out_type = None if options.out_dtype is None else getattr(torch, options.out_dtype)
     base_sd = state_dict_of(base, "base")
     out = {k: torch.empty(v.shape, dtype=out_type if out_type is not None and v.is_floating_point() else v.dtype,
                           device=v.device) for k, v in base_sd.items()}
     InPlaceMerge([out], base_sd, finetuned, granularity=granularity, clamp=clamp, exclude=exclude, eps=eps,
-                 backend=backend, compute_dtype=compute_dtype, int_tensors=int_tensors, missing=missing)(report)
+                 backend=backend, compute_dtype=compute_dtype, int_tensors=int_tensors, missing=missing,
+                 method=options.method)(report)
     return out
 
 
@@ -91,11 +96,12 @@ class InPlaceMerge:
     def __init__(self, targets, base, finetuned, *, granularity: str = "tensor", clamp: bool = True,
                  exclude: Sequence[str] = (), eps: float = EPS, backend: str = "auto",
                  compute_dtype: torch.dtype = torch.float32, int_tensors: str = "max", missing: str = "refuse",
-                 sources: Sequence[str] | None = None):
+                 sources: Sequence[str] | None = None, method="model_stock"):
         if isinstance(targets, (Mapping, nn.Module)) or isinstance(finetuned, (Mapping, nn.Module)):
             raise TypeError("targets and finetuned must be sequences of state dicts or modules")
         options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend,
-                               compute_dtype=dtype_name(compute_dtype), int_tensors=int_tensors, missing=missing)
+                               compute_dtype=dtype_name(compute_dtype), int_tensors=int_tensors, missing=missing,
+                               method=method)
         self.options = options
         self.compute_dtype = options.torch_compute_dtype
         # how errors name the inputs (file merges pass the paths)
@@ -103,7 +109,8 @@ class InPlaceMerge:
         self.granularity, self.clamp, self.eps = granularity, clamp, eps
         sds = [state_dict_of(m, s) for m, s in zip([base, *finetuned], self.sources)]
         metas = [{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds]
-        self.layers = plan_layers(metas, self.sources, granularity=granularity, exclude=exclude, missing=missing)
+        self.layers = plan_layers(metas, self.sources, granularity=granularity, exclude=exclude, missing=missing,
+                                  method=options.method)
         warn_unmatched(self.layers, exclude)
         self.dropped = dropped_tensors(metas, self.sources)
         dest = [{canonical_name(k): v for k, v in state_dict_of(m, f"targets[{i}]").items()}
@@ -121,7 +128,7 @@ class InPlaceMerge:
         # Order of the calls: copies, reference, sharded, kernels (the kernels' launches last,
         # so their one host synchronisation follows every other layer's work).
         order = {CopyLayers: 0, TorchLayers: 1, sharded_backend.ShardedLayers: 2}
-        self._executors = [cls(entries, self.sources, eps=eps, clamp=clamp, compute_dtype=self.compute_dtype,
+        self._executors = [cls(entries, self.sources, method=options.method, compute_dtype=self.compute_dtype,
                                int_tensors=int_tensors)
                            for cls, entries in sorted(by_executor.items(), key=lambda kv: order.get(kv[0], 3))]
         names = [canonical_name(layer.name) for layer in self.layers]
@@ -159,6 +166,7 @@ class InPlaceMerge:
             report.inputs = self.sources
             report.int_tensors, report.missing, report.dropped = self.options.int_tensors, self.options.missing, \
                 list(self.dropped)
+            report.method = self.options.method.name
             report.layers.extend(stats[layer.name] for layer in self.layers)
 
 
