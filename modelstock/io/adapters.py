@@ -76,6 +76,7 @@ class Adapter:
         if not weights:
             raise InputError(f"an adapter folder holds {' or '.join(WEIGHT_NAMES)}; this one has neither", self.path)
         self.source = open_checkpoint(weights[0], files_only=True)
+        self.meta = self.source.tensors()  # {name: (dtype, shape)} of the factors, read once
         try:
             self.factors = self._pair_factors()
         except BaseException:
@@ -114,7 +115,7 @@ class Adapter:
         pairs: dict[str, dict[str, str]] = {}
         embedding: set[str] = set()
         self.base_copies: dict[str, str] = {}  # base tensor name -> the adapter's copy of it
-        for name in self.source.tensors():
+        for name in self.meta:
             key = name[len(PREFIX):] if name.startswith(PREFIX) else name
             m = _KEY.fullmatch(key)
             if m is None:
@@ -130,7 +131,7 @@ class Adapter:
             if m.group("emodule"):
                 embedding.add(module)
             pairs.setdefault(module, {})[side] = name
-        shapes = self.source.tensors()
+        shapes = self.meta
         out = {}
         rslora = bool(self.config.get("use_rslora"))
         transposed = bool(self.config.get("fan_in_fan_out"))
@@ -169,12 +170,12 @@ class Adapter:
         return self.source.read(name)
 
     def dtype_of(self, name: str) -> str:
-        return self.source.tensors()[name][0]
+        return self.meta[name][0]
 
     def _read(self, name: str, dtype) -> np.ndarray:
         from ..backends.numpy_ops import to_float
 
-        stored, shape = self.source.tensors()[name]
+        stored, shape = self.meta[name]
         out = np.empty(shape, dtype=dtype)
         return to_float(self.source.read(name), stored, out)
 

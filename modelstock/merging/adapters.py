@@ -174,7 +174,7 @@ def _factor_shape(ck: Adapter, f) -> tuple[int, int]:
     """(rows, k) of the update the factors describe, from their shapes alone."""
     import math
 
-    a_shape, b_shape = ck.source.tensors()[f.a][1], ck.source.tensors()[f.b][1]
+    a_shape, b_shape = ck.meta[f.a][1], ck.meta[f.b][1]
     if f.layout == "embedding":
         return int(a_shape[1]), int(b_shape[0])
     if f.layout == "transposed":
@@ -236,7 +236,7 @@ def _write_full(plan: _Plan, output, options: MergeOptions, start: float) -> Mer
                 report.bytes_read += nbytes(layer.dtypes[0], layer.shape)
         guard.check()
         report.output = [str(p) for p in writer.commit()]
-    report.bytes_read += sum(nbytes(ck.dtype_of(n), ck.source.tensors()[n][1]) for ck in inputs[1:]
+    report.bytes_read += sum(nbytes(ck.dtype_of(n), ck.meta[n][1]) for ck in inputs[1:]
                              if isinstance(ck, Adapter) for f in ck.factors.values() for n in (f.a, f.b))
     report.bytes_written = sum(nbytes(d, s) for _, d, s in entries)
     report.seconds = time.perf_counter() - start
@@ -333,7 +333,7 @@ def _write_adapter(plan: _Plan, out: Path, options: MergeOptions, force: bool, d
         raise InputError("the adapters target no weight of the base: nothing to merge")
     config = _adapter_config(first.config, plan.base_path, ranks, transposed)
     _write_adapter_folder(out, tensors, config, [f for ck in inputs for f in ck.files()], force, durable, report)
-    report.bytes_read = sum(nbytes(ck.dtype_of(n), ck.source.tensors()[n][1]) for ck in adapters
+    report.bytes_read = sum(nbytes(ck.dtype_of(n), ck.meta[n][1]) for ck in adapters
                             for f in ck.factors.values() for n in (f.a, f.b))
     report.bytes_written = sum(a.nbytes for _, _, a in tensors)
     report.seconds = time.perf_counter() - start
@@ -344,7 +344,7 @@ def _a_shape(adapters, targets, name: str):
     """The shape of a lora_A of this module past its rank (a conv's kernel dims)."""
     for ck, t in zip(adapters, targets):
         if name in t:
-            return tuple(ck.source.tensors()[t[name].a][1][1:])
+            return tuple(ck.meta[t[name].a][1][1:])
 
 
 def _to_peft(bm: np.ndarray, am: np.ndarray, layout: str, a_tail) -> tuple[np.ndarray, np.ndarray]:
