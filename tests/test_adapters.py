@@ -280,3 +280,19 @@ def test_gpt2_fan_in_fan_out_adapters(tmp_path):
     assert_relative(got, want, 1e-6)
     modelstock.merge_files(tmp_path / "base", dirs, tmp_path / "ad", adapter=True)
     assert_relative(applied(tmp_path / "ad"), want, 1e-5)
+
+
+def test_in_memory_merge_of_peft_models(base_dir, adapters, tmp_path):
+    full = full_finetune(base_dir, tmp_path / "full")
+    live = []
+    for a in adapters[:2]:
+        model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+        live.append(peft.PeftModel.from_pretrained(model, a))
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    full_model = transformers.LlamaForCausalLM.from_pretrained(full)
+    report = modelstock.MergeReport()
+    got = modelstock.merge(base, [live[0], full_model, live[1]], report=report, granularity="row")
+    assert_relative(got, fp64_truth(base_dir, [adapters[0], full, adapters[1]], "row"), 1e-6)
+    assert report.n == 3 and len(report.layers) == len(got)
+    with pytest.raises(InputError, match="merging in place works on full weights"):
+        modelstock.InPlaceMerge([full_model], base, [live[0], full_model])

@@ -65,28 +65,44 @@ class Adapter:
     def __init__(self, path: str | os.PathLike):
         from . import open_checkpoint
 
-        self.path = str(path)
         folder = Path(path)
         try:
-            self.config = json.loads((folder / CONFIG_NAME).read_text())
+            config = json.loads((folder / CONFIG_NAME).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{CONFIG_NAME} is not readable JSON ({e})", self.path) from None
-        self._check_config()
+            raise InputError(f"{CONFIG_NAME} is not readable JSON ({e})", str(path)) from None
+        self._setup(config, None, str(path))
         weights = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()]
         if not weights:
             raise InputError(f"an adapter folder holds {' or '.join(WEIGHT_NAMES)}; this one has neither", self.path)
-        self.source = open_checkpoint(weights[0], files_only=True)
-        self.meta = self.source.tensors()  # {name: (dtype, shape)} of the factors, read once
+        self._setup(config, open_checkpoint(weights[0], files_only=True), str(path))
+
+    @classmethod
+    def from_source(cls, config: dict, source, name: str) -> "Adapter":
+        """An adapter held elsewhere than a folder: its config and its saved-form tensors (a
+        ``TensorSource``; peft's ``get_peft_model_state_dict`` of a live model)."""
+        adapter = cls.__new__(cls)
+        adapter._setup(config, None, name)
+        adapter._setup(config, source, name)
+        return adapter
+
+    def _setup(self, config: dict, source, path: str) -> None:
+        """The config checked first (a refused type is named before its tensors are read)."""
+        self.path, self.config, self.source = path, config, source
+        if source is None:
+            self._check_config()
+            return
+        self.meta = source.tensors()  # {name: (dtype, shape)} of the factors, read once
         try:
             self.factors = self._pair_factors()
         except BaseException:
-            self.source.close()
+            source.close()
             raise
 
     # --- the config ---------------------------------------------------------------------------
     def _check_config(self) -> None:
         c = self.config
-        kind = str(c.get("peft_type", "LORA")).upper()
+        kind = c.get("peft_type", "LORA")
+        kind = str(getattr(kind, "value", kind)).upper()  # a live model's config holds peft's enum
         if kind != "LORA":
             raise InputError(f"a PEFT {kind} adapter: only LoRA adapters can be merged (their update is s B A)",
                              self.path)

@@ -95,6 +95,50 @@ def merge(base, finetuned: Sequence, out, options: MergeOptions, *, shard_size, 
             ck.close()
 
 
+def is_peft_model(m) -> bool:
+    return hasattr(m, "peft_config") and hasattr(m, "get_base_model")
+
+
+def merge_in_memory(base, finetuned: Sequence, options: MergeOptions, report: MergeReport | None = None) -> dict:
+    """``modelstock.merge`` with PEFT LoRA models (``PeftModel``) among the fine-tuned: their
+    factors as saved (``get_peft_model_state_dict``), merged as the file merge does; returns
+    the merged state dict (CPU tensors, the base's names and dtypes or ``out_dtype``)."""
+    from peft import get_peft_model_state_dict
+
+    from ..io.arrays import StateDictSource, to_torch
+    from .in_memory import state_dict_of
+
+    if is_peft_model(base):
+        raise InputError("is a PEFT model; give the base model's weights (before get_peft_model)", "base")
+    inputs = [StateDictSource({k: v.detach().cpu() for k, v in state_dict_of(base, "base").items()}, "base")]
+    for i, m in enumerate(finetuned):
+        name = f"finetuned[{i}]"
+        if is_peft_model(m):
+            adapter_name = getattr(m, "active_adapter", "default")
+            config = m.peft_config[adapter_name].to_dict()
+            state = get_peft_model_state_dict(m, adapter_name=adapter_name)
+            inputs.append(Adapter.from_source(config, StateDictSource({k: v.detach().cpu() for k, v in state.items()},
+                                                                      name), name))
+        else:
+            inputs.append(StateDictSource({k: v.detach().cpu() for k, v in state_dict_of(m, name).items()}, name))
+    plan = _Plan(inputs, options)
+    full = [i for i, ck in enumerate(inputs[1:]) if not isinstance(ck, Adapter)]
+    out, layers = {}, []
+    for layer in plan.layers:
+        dtype = layer.out_dtype(options.out_dtype)
+        value, stats = _full_layer(plan, layer, dtype, full, options.compute_dtype)
+        out[layer.name] = to_torch(np.array(value).reshape(layer.shape), dtype).clone()
+        layers.append(stats)
+    if report is not None:
+        report.n, report.granularity, report.clamp, report.eps = len(finetuned), options.granularity, \
+            options.clamp, options.eps
+        report.inputs, report.method = plan.sources, options.method.name
+        report.int_tensors, report.missing = options.int_tensors, options.missing
+        report.dropped = dropped_tensors(plan.metas, plan.sources)
+        report.layers.extend(layers)
+    return out
+
+
 class _Plan:
     """The base's layers and, per fine-tuned input, what updates each: a full checkpoint's
     tensor, an adapter's factors, or nothing."""

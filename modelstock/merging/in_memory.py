@@ -14,6 +14,7 @@ from ..errors import InputError
 from ..plan import canonical_name, dropped_tensors, plan_layers, warn_unmatched
 from ..ratio import EPS
 from ..report import MergeReport
+from . import adapters
 from .options import MergeOptions
 
 
@@ -62,12 +63,15 @@ def merge(
     ``report``: a MergeReport to fill with each layer's figures. ``method``: "model_stock"
     (default), "uniform" (the fine-tuned models' average), "wise_ft" (one fine-tuned model,
     alpha 0.5) or a ``modelstock.methods.MergeMethod`` (``WiseFT(alpha=0.3)``); ``clamp`` and
-    ``eps`` are Model Stock's.
+    ``eps`` are Model Stock's. A fine-tuned model may be a PEFT LoRA model (``PeftModel``):
+    the method then runs on its factors (``modelstock/merging/adapters.py``), on the CPU.
     """
     if isinstance(finetuned, (Mapping, nn.Module)):
         raise TypeError("finetuned must be a sequence of state dicts or modules")
     options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, dtype_name(compute_dtype),
                            int_tensors, missing, method)
+    if any(adapters.is_peft_model(m) for m in finetuned):  # LoRA models: merged from their factors
+        return adapters.merge_in_memory(base, finetuned, options, report)
     out_type = None if options.out_dtype is None else getattr(torch, options.out_dtype)
     base_sd = state_dict_of(base, "base")
     out = {k: torch.empty(v.shape, dtype=out_type if out_type is not None and v.is_floating_point() else v.dtype,
@@ -99,6 +103,9 @@ class InPlaceMerge:
                  sources: Sequence[str] | None = None, method="model_stock"):
         if isinstance(targets, (Mapping, nn.Module)) or isinstance(finetuned, (Mapping, nn.Module)):
             raise TypeError("targets and finetuned must be sequences of state dicts or modules")
+        if any(adapters.is_peft_model(m) for m in [base, *finetuned, *targets]):
+            raise InputError("a PEFT LoRA model: merging in place works on full weights; modelstock.merge (or "
+                             "merge_files with adapter=True) merges LoRA models from their factors")
         options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend,
                                compute_dtype=dtype_name(compute_dtype), int_tensors=int_tensors, missing=missing,
                                method=method)
