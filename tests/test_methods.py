@@ -166,3 +166,54 @@ def test_unknown_method_is_one_line():
     base, fts = make_models(2, torch.float32)
     with pytest.raises(ValueError, match="method must be one of"):
         modelstock.merge(base, fts, method="ties")
+
+
+def test_row_coefficients_reach_the_kernels_per_segment(device):
+    # Cosine at row granularity: each row its own per-model weights (the kernel's (segment, i) table)
+    base, fts = make_models(3, torch.float32)
+    got = modelstock.merge({k: v.to(device) for k, v in base.items()}, [{k: v.to(device) for k, v in f.items()}
+                           for f in fts], method=Cosine(), granularity="row", backend="triton")
+    for k, w0 in base.items():
+        rows = w0.reshape(w0.shape[0], -1) if w0.ndim >= 2 else w0.reshape(1, -1)
+        ds = [f[k].double().reshape(rows.shape) - rows.double() for f in fts]
+        coef = torch.stack([1 / (d.norm(dim=1) + 1e-12) / 3 for d in ds], 1)  # (rows, N)
+        ref = (rows.double() + sum(coef[:, i:i + 1] * d for i, d in enumerate(ds))).reshape(w0.shape)
+        assert_within(got[k], ref, merge_tolerance(ref, w0, [f[k] for f in fts], torch.float32) * 3, k)
+
+
+def _sharded_rank(rank, world, init_file):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .test_sharded import check_equal_to_single_process, full_state, models_from, net
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        real, calls = dist.all_reduce, []
+        for method, granularity, collectives in (("uniform", "tensor", 0), (Cosine(), "row", 1)):
+            torch.manual_seed(0)
+            base = net()
+            base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+            models = models_from(base, 2, seed=3)
+            snapshot = [full_state(m) for m in models]
+            for m in models:
+                fully_shard(m, mesh=mesh)
+            calls.clear()
+            dist.all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
+            try:
+                modelstock.merge_(models, base_sd, models, method=method, granularity=granularity)
+            finally:
+                dist.all_reduce = real
+            assert len(calls) == collectives  # a method without statistics needs no all-reduce
+            check_equal_to_single_process(models, base_sd, snapshot, method=method, granularity=granularity)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_merges_carry_any_method(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_rank, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
