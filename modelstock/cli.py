@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 def _merge(args) -> int:
     if args.alpha is not None and args.method != "wise_ft":
         return _fail("--alpha is WiSE-FT's: use it with --method wise_ft")
+    if args.plot and args.method != "model_stock":
+        return _fail("--plot draws Model Stock's angles and ratios: use it with --method model_stock")
     from .io.adapters import is_adapter
 
     base, finetuned = args.checkpoints[0], args.checkpoints[1:]

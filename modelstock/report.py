@@ -80,8 +80,9 @@ class MergeReport:
 
     @property
     def mean_angle_deg(self) -> float | None:
-        """Mean angle between the fine-tuned deltas, weighted by each layer's size."""
-        merged = self.merged_layers()
+        """Mean angle between the fine-tuned deltas, weighted by each layer's size (None when
+        the method computed no angles: uniform, WiSE-FT)."""
+        merged = [m for m in self.merged_layers() if m.angle_deg is not None]
         total = sum(m.numel for m in merged)
         return sum(m.angle_deg * m.numel for m in merged) / total if total else None
 

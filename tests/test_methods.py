@@ -126,9 +126,12 @@ def test_cli_method_options(tmp_path, capsys):
     assert main(["merge", paths[0], paths[1], "-o", str(tmp_path / "w.safetensors"), "--method", "wise_ft",
                  "--alpha", "0.25", "--quiet"]) == 0
     _check(load_file(tmp_path / "w.safetensors"), base, fts[:1], WiseFT(alpha=0.25), "cli wise_ft")
-    assert main(["merge", *paths, "-o", str(tmp_path / "u.safetensors"), "--method", "uniform", "--quiet"]) == 0
+    assert main(["merge", *paths, "-o", str(tmp_path / "u.safetensors"), "--method", "uniform"]) == 0
     _check(load_file(tmp_path / "u.safetensors"), base, fts, "uniform", "cli uniform")
-    capsys.readouterr()
+    assert "Merged 2 fine-tuned checkpoints" in capsys.readouterr().out  # the summary, without angles
+    assert main(["merge", *paths, "-o", str(tmp_path / "p.safetensors"), "--method", "uniform", "--plot",
+                 str(tmp_path / "p.png")]) == 2
+    assert "--plot draws Model Stock's" in capsys.readouterr().err
     assert main(["merge", *paths, "-o", str(tmp_path / "e.safetensors"), "--method", "wise_ft"]) == 2
     assert capsys.readouterr().err.strip() == ("modelstock: error: wise_ft needs exactly 1 fine-tuned "
                                                "checkpoint(s), got 2")
