@@ -296,3 +296,29 @@ def test_in_memory_merge_of_peft_models(base_dir, adapters, tmp_path):
     assert report.n == 3 and len(report.layers) == len(got)
     with pytest.raises(InputError, match="merging in place works on full weights"):
         modelstock.InPlaceMerge([full_model], base, [live[0], full_model])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_in_a_weight_no_adapter_targets_is_named(base_dir, adapters, tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    base = {k: v.to(dtype) for k, v in load_file(base_dir / "model.safetensors").items()}
+    base["model.norm.weight"][3] = float("inf")
+    save_file(base, tmp_path / "base.safetensors")
+    with pytest.raises(InputError, match=r"base.safetensors: tensor 'model.norm.weight': holds NaN or inf"):
+        modelstock.merge_files(tmp_path / "base.safetensors", adapters[:2], tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_an_adapter_carrying_other_base_weights_is_refused(base_dir, adapters, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    changed = tmp_path / "b-trained-embedding"
+    shutil.copytree(adapters[1], changed)
+    tensors = load_file(changed / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] += 1e-3
+    save_file(tensors, changed / "adapter_model.safetensors")
+    with pytest.raises(InputError, match="carries its own 'model.embed_tokens.weight', which differs"):
+        modelstock.merge_files(base_dir, [adapters[0], changed], tmp_path / "o")

@@ -209,7 +209,9 @@ def _check_base_copy(ck: Adapter, copy: str, base, layer: Layer | None) -> None:
     if layer is None or layer.copied:
         raise InputError("carries a base weight that the base lacks", ck.path, copy)
     mine, theirs = ck.source.read(copy), base.read(layer.names[0])
-    if ck.dtype_of(copy) != layer.dtypes[0] or mine.shape != theirs.shape or not np.array_equal(mine, theirs):
+    if mine.shape == theirs.shape and ck.dtype_of(copy) != layer.dtypes[0]:  # peft loads it into the base's dtype
+        mine = numpy_ops.cast(numpy_ops.widen(mine, ck.dtype_of(copy)), layer.dtypes[0])
+    if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
         raise InputError(f"carries its own '{layer.name}', which differs from the base's (a resized or trained "
                          "base layer): not supported", ck.path, copy)
 
@@ -239,6 +241,13 @@ def _coefficients(plan: _Plan, layer: Layer, w0, updates):
     if not numpy_ops.all_finite(np.asarray(c.scale)):
         raise method.undefined(layer.name)
     return c, lowrank.per_model(c, n, rows), method.layer_stats(layer.name, layer.shape, c)
+
+
+def _finite_stored(raw: np.ndarray, dtype: str) -> bool:
+    """Whether a stored float array is finite; bfloat16 (uint16 bits) by its exponent bits."""
+    if dtype == "bfloat16":
+        return not bool(np.any((raw & 0x7F80) == 0x7F80))
+    return numpy_ops.all_finite(raw)
 
 
 def _widened(ck, name: str, dtype: str, compute_dtype: str) -> np.ndarray:
@@ -305,6 +314,8 @@ def _full_layer(plan: _Plan, layer: Layer, dtype: str, full: list[int], compute:
         c = plan.options.method.coefficients(stats_in, len(inputs) - 1, layer.rows)
         stats = plan.options.method.layer_stats(layer.name, layer.shape, c)
         raw = inputs[0].view(layer.names[0])
+        if not _finite_stored(raw, layer.dtypes[0]):  # no NaN leaves a merge, even a copied one
+            raise InputError("holds NaN or inf", sources[0], layer.names[0])
         if dtype == layer.dtypes[0]:
             return raw, stats
         return numpy_ops.cast(numpy_ops.widen(raw, layer.dtypes[0]), dtype), stats
