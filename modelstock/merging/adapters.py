@@ -34,6 +34,7 @@ from ..io.outputs import check_not_an_input, check_output_file
 from ..layer import cast_output, check_copy, require_finite
 from ..plan import Layer, canonical_name, dropped_tensors, plan_layers, warn_unmatched
 from ..report import MergeReport
+from ..tiles import BLOCK
 from .options import MergeOptions
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -244,10 +245,16 @@ def _coefficients(plan: _Plan, layer: Layer, w0, updates):
 
 
 def _finite_stored(raw: np.ndarray, dtype: str) -> bool:
-    """Whether a stored float array is finite; bfloat16 (uint16 bits) by its exponent bits."""
-    if dtype == "bfloat16":
-        return not bool(np.any((raw & 0x7F80) == 0x7F80))
-    return numpy_ops.all_finite(raw)
+    """Whether a stored float array is finite; bfloat16 (uint16 bits) by its exponent bits. In
+    slices, so that the temporaries stay small beside a memory-mapped embedding."""
+    flat = raw.reshape(-1)
+    for start in range(0, flat.size, BLOCK):
+        part = flat[start: start + BLOCK]
+        if dtype == "bfloat16" and np.any((part & 0x7F80) == 0x7F80):
+            return False
+        if dtype != "bfloat16" and not numpy_ops.all_finite(part):
+            return False
+    return True
 
 
 def _widened(ck, name: str, dtype: str, compute_dtype: str) -> np.ndarray:
