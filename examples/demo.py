@@ -75,9 +75,9 @@ def model_stock_part(data, out: Path, budget: dict, log) -> list[dict]:
         m.load_state_dict(sd)
         return m
 
-    sds = [m.state_dict() for m in (pre, *fts)]
-    uniform = {k: (sds[1][k] + sds[2][k]) / 2 for k in sds[0]}
-    wise = {k: (sds[0][k] + sds[1][k]) / 2 for k in sds[0]}
+    # the paper's baselines, as merge methods of the same library (modelstock/methods)
+    uniform = modelstock.merge(pre, fts, method="uniform")
+    wise = modelstock.merge(pre, fts[:1], method=modelstock.methods.WiseFT(alpha=0.5))
 
     during = [copy.deepcopy(pre) for _ in range(2)]
     periodic = modelstock.PeriodicMerge(pre, during)

@@ -4,6 +4,7 @@ fine-tuned updates.
 
     import modelstock
     merged = modelstock.merge(base_sd, [ft1_sd, ft2_sd])           # state dicts or modules
+    soup = modelstock.merge(base_sd, [ft1_sd, ft2_sd], method="uniform")  # or "wise_ft"
     report = modelstock.merge_files("base.safetensors", ["ft1.safetensors", "ft2.safetensors"],
                                     "merged.safetensors")         # streamed, file to file
 
@@ -14,7 +15,7 @@ torch-format files; open_clip, matplotlib and triton only with the functions tha
 """
 from msdp_kernels._version import __version__  # noqa: E402 - one version for the distribution
 __all__ = ["merge", "merge_", "InPlaceMerge", "PeriodicMerge", "merge_files", "MergeReport", "LayerStats",
-           "InputError"]
+           "InputError", "methods"]
 
 
 _HOMES = {"merge": "merging.in_memory", "merge_": "merging.in_memory", "InPlaceMerge": "merging.in_memory",
@@ -23,6 +24,10 @@ _HOMES = {"merge": "merging.in_memory", "merge_": "merging.in_memory", "InPlaceM
 
 
 def __getattr__(name):
+    if name == "methods":  # the merge methods (modelstock.methods.WiseFT(alpha=0.3), ...)
+        import importlib
+
+        return importlib.import_module(".methods", __name__)
     if name in _HOMES:
         import importlib
 

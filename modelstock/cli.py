@@ -39,12 +39,22 @@ def _parser() -> argparse.ArgumentParser:
                     "Checkpoints: .safetensors, a sharded *.safetensors.index.json (or its folder), "
                     ".pt/.pth/.bin (loaded with weights_only=True), a torch.distributed.checkpoint "
                     "folder (.metadata and *.distcp; the model's weights are read).")
-    m.add_argument("checkpoints", nargs="+", metavar="CKPT", help="BASE FT1 FT2 [FT...]: paths, or Hugging Face hub "
-                   "ids (org/name, org/name@revision: from the cache, downloaded when online; a local path wins)")
+    m.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="BASE FT1 FT2 [FT...]: paths, or Hugging Face hub ids (org/name, org/name@revision: from "
+                   "the cache, downloaded when online; a local path wins); a fine-tuned model may be a PEFT LoRA "
+                   "adapter folder (adapter_config.json), and BASE may then be left out (the one the adapters name)")
     m.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output file: .safetensors (streamed) or .pt; a folder when BASE is a Hugging Face "
                    "model folder (config.json beside its weights): the merged weights and the base's other "
                    "files, loadable with from_pretrained")
+    m.add_argument("--method", choices=("model_stock", "uniform", "wise_ft"), default="model_stock",
+                   help="model_stock (default): the paper's ratio per layer; uniform: the fine-tuned models' "
+                   "average; wise_ft: BASE and one fine-tuned model interpolated with --alpha")
+    m.add_argument("--alpha", type=float, metavar="A",
+                   help="with --method wise_ft: BASE + A (FT - BASE) (default 0.5)")
+    m.add_argument("--adapter", action="store_true",
+                   help="with LoRA adapters as every fine-tuned input: write the merge as one LoRA adapter "
+                   "folder (rank the sum of theirs) instead of the full model")
     m.add_argument("--granularity", choices=("tensor", "row"), default="tensor",
                    help="one ratio per tensor (paper) or per output row (dim 0)")
     m.add_argument("--no-clamp", action="store_true",
@@ -164,15 +174,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _merge(args) -> int:
-    if len(args.checkpoints) < 3:
-        return _fail(f"needs at least two fine-tuned checkpoints (got {len(args.checkpoints) - 1}): "
-                     "modelstock merge BASE FT1 FT2 [FT...] -o OUT")
-    try:  # every output path is checked before any input is read
-        from .io import hub
+    if args.alpha is not None and args.method != "wise_ft":
+        return _fail("--alpha is WiSE-FT's: use it with --method wise_ft")
+    if args.plot and args.method != "model_stock":
+        return _fail("--plot draws Model Stock's angles and ratios: use it with --method model_stock")
+    from .io import hub
+    from .io.adapters import is_adapter
+    from .methods import resolve
 
-        # hub ids become their snapshot folders; a path stays as typed (errors quote it)
+    try:  # hub ids become their snapshot folders; a path stays as typed (errors quote it)
         args.checkpoints = [c if hub.parse(c) is None or os.path.exists(c) else str(hub.resolve(c))
                             for c in args.checkpoints]
+    except ValueError as e:
+        return _fail(str(e))
+    base, finetuned = args.checkpoints[0], args.checkpoints[1:]
+    if is_adapter(base):  # adapters only: the base is the one they name
+        base, finetuned = None, args.checkpoints
+    if args.method == "model_stock" and len(finetuned) < 2:
+        return _fail(f"needs at least two fine-tuned checkpoints (got {len(finetuned)}): "
+                     "modelstock merge BASE FT1 FT2 [FT...] -o OUT")
+    try:  # every output path is checked before any input is read
+        method = resolve(args.method, clamp=not args.no_clamp, alpha=args.alpha)
+        method.check_count(len(finetuned))
         extras = _reserve_extra_outputs(args, args.checkpoints)
     except ValueError as e:
         return _fail(str(e))
@@ -180,7 +203,7 @@ def _merge(args) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        return _merge_and_report(args, extras)
+        return _merge_and_report(args, extras, base, finetuned, method)
     finally:
         for _, f in extras:  # nothing once put in place; else the report's temporary
             f.abort()
@@ -188,17 +211,17 @@ def _merge(args) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _merge_and_report(args, extras) -> int:
+def _merge_and_report(args, extras, base, finetuned, method) -> int:
     from .io.commit import committing
     from .merging.files import merge_files  # numpy only: torch is imported just for torch-format files
 
     try:
         report = merge_files(
-            args.checkpoints[0], args.checkpoints[1:], args.output,
+            base, finetuned, args.output, adapter=args.adapter,
             granularity=args.granularity, clamp=not args.no_clamp, exclude=args.exclude,
             out_dtype=args.dtype, int_tensors=args.int_tensors, missing=args.missing,
             shard_size=args.shard_size, force=args.force, durable=args.fsync, device=args.device,
-            chunk_size=args.chunk_size, progress=not args.quiet and sys.stderr.isatty())
+            chunk_size=args.chunk_size, progress=not args.quiet and sys.stderr.isatty(), method=method)
     except ValueError as e:  # a bad input (InputError) or option value (shard size, granularity)
         return _fail(str(e))
     except OSError as e:  # disk full, permissions: nothing was left behind

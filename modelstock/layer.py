@@ -5,50 +5,84 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from .errors import InputError
 from .plan import Layer
-from .ratio import EPS, ratio
+from .ratio import EPS
 from .report import LayerStats
 
 
 def merge_layer(layer: Layer, w0, ws: Sequence, out, sources: Sequence[str], ops, *,
-                eps: float = EPS, clamp: bool = True, out_is_separate: bool = False):
+                eps: float = EPS, clamp: bool = True, out_is_separate: bool = False, method=None):
     """Merge (or, for an excluded layer, average) one layer into ``out``: flat arrays of the
     compute dtype, ``out`` possibly ``w0``. Returns ``out`` and the layer's figures. Raises
     InputError naming the input at fault when any input holds NaN or inf.
 
-    ``out_is_separate``: ``out`` shares no memory with the inputs, so a backend that can
-    (``numpy_ops``) keeps the deltas' mean there from the Gram pass and merges from it."""
+    ``method``: a ``modelstock.methods.MergeMethod`` (default: Model Stock with ``eps`` and
+    ``clamp``). ``out_is_separate``: ``out`` shares no memory with the inputs, so a backend
+    that can (``numpy_ops``) keeps the deltas' mean there from the Gram pass and merges from it."""
+    method = method or model_stock(eps, clamp)
     if layer.kind == "average":
         require_finite(ops, ws, sources[1:], layer.names[1:])
         return ops.merge_into(out, None, ws), LayerStats(layer.name, list(layer.shape), layer.numel, "average")
+    gram = None
     from_mean = out_is_separate and hasattr(ops, "merge_from_mean_delta")
-    gram = ops.gram(w0, ws, layer.rows, mean_delta=out) if from_mean else ops.gram(w0, ws, layer.rows)
-    r = checked_ratio(gram, layer, [w0, *ws], sources, ops, eps=eps, clamp=clamp)
-    merged = ops.merge_from_mean_delta(out, w0, r.t) if from_mean else ops.merge_into(out, w0, ws, r.t)
-    return merged, LayerStats.from_ratio(layer.name, layer.shape, r)
+    if method.statistics == "gram":
+        gram = ops.gram(w0, ws, layer.rows, mean_delta=out) if from_mean else ops.gram(w0, ws, layer.rows)
+    c = checked_coefficients(method, gram, layer, [w0, *ws], sources, ops)
+    if from_mean and gram is not None and c.weights is None:
+        merged = ops.merge_from_mean_delta(out, w0, c.scale)
+    else:
+        merged = ops.merge_into(out, w0, ws, c.scale, c.weights)
+    if gram is None:  # no Gram saw the inputs: a NaN or inf shows in the result
+        check_result_finite(merged, [w0, *ws], sources, layer, ops)
+    return merged, method.layer_stats(layer.name, layer.shape, c)
 
 
-def checked_ratio(gram, layer: Layer, inputs: Sequence, sources: Sequence[str], ops, *, eps: float, clamp: bool,
-                  elsewhere: str | None = None):
-    """The layer's ratio from its Gram, or InputError naming the input at fault when one of
-    ``inputs`` (w0 and the fine-tuned, or this rank's shards of them) holds NaN or inf, or
-    saying that the ratio is undefined. ``elsewhere``: the error when the norms are not finite
-    but these inputs are (a sharded layer: the fault is in another rank's shard)."""
-    r = ratio(gram, eps=eps, clamp=clamp)
-    if not ops.all_finite(r.norms):
-        # A non-finite input makes some ||w_i - w0|| non-finite; name the first such input.
+def model_stock(eps: float = EPS, clamp: bool = True):
+    from .methods.model_stock import ModelStock
+
+    return ModelStock(eps=eps, clamp=clamp)
+
+
+def checked_coefficients(method, stats, layer: Layer, inputs: Sequence, sources: Sequence[str], ops, *,
+                         elsewhere: str | None = None):
+    """The layer's coefficients from its statistics, or InputError naming the input at fault
+    when one of ``inputs`` (w0 and the fine-tuned, or this rank's shards of them) holds NaN or
+    inf, or saying that the coefficients are undefined. ``elsewhere``: the error when the Gram
+    is not finite but these inputs are (a sharded layer: the fault is in another rank's shard)."""
+    c = method.coefficients(stats, len(inputs) - 1, layer.rows)
+    c.scale, c.weights = _like(c.scale, inputs[0]), _like(c.weights, inputs[0])
+    if stats is not None and not ops.all_finite(stats.diagonal(0, -2, -1)):
+        # A non-finite input makes some ||w_i - w0||^2 non-finite; name the first such input.
         require_finite(ops, inputs, sources, layer.names)
         if elsewhere is not None:
             raise InputError(elsewhere, None, layer.name)
-    if not ops.all_finite(r.t):
-        raise undefined_ratio(layer)
-    return r
+    if not ops.all_finite(c.scale):
+        raise method.undefined(layer.name)
+    return c
+
+
+def _like(x, ref):
+    """A method's numpy coefficients as a torch tensor where the layer is one (on its device)."""
+    if x is None or isinstance(ref, np.ndarray) or not isinstance(x, np.ndarray):
+        return x
+    import torch
+
+    return torch.as_tensor(x, device=ref.device)
+
+
+def check_result_finite(merged, inputs: Sequence, sources: Sequence[str], layer: Layer, ops) -> None:
+    """After a merge that computed no statistics: a non-finite result names the input at fault
+    (finite coefficients of finite inputs give a finite sum unless it overflows)."""
+    if not ops.all_finite(merged):
+        require_finite(ops, inputs, sources, layer.names)
+        raise InputError("the merged weights overflow the compute dtype", None, layer.name)
 
 
 def undefined_ratio(layer: Layer) -> InputError:
-    return InputError("the ratio is undefined: the mean cosine is -1/(N-1), where the authors' "
-                      "formula divides by zero (merge with clamp on)", None, layer.name)
+    return model_stock().undefined(layer.name)
 
 
 def cast_output(merged, dtype: str, stats: LayerStats, ops, out=None):

@@ -78,6 +78,7 @@ def plan_layers(
     granularity: str = "tensor",
     exclude: Sequence[str] = (),
     missing: str = "refuse",
+    method=None,
 ) -> list[Layer]:
     """Match the inputs' tensors to the base's (in the base's order) and decide each one's fate.
 
@@ -86,9 +87,14 @@ def plan_layers(
     Raises InputError naming the input and tensor for a shape mismatch or a floating tensor
     stored as an integer elsewhere, and for a tensor missing in some models (``missing=
     "refuse"``); with ``missing="base"`` (mergekit's choice) such a tensor is the base's, and
-    one the base lacks is left out (``dropped_tensors`` names them).
+    one the base lacks is left out (``dropped_tensors`` names them). ``method``: the merge
+    method (``modelstock/methods``), which says how many fine-tuned models it takes (default:
+    Model Stock's two or more).
     """
-    require_two_finetuned(len(metas) - 1)
+    if method is None:
+        require_two_finetuned(len(metas) - 1)
+    else:
+        method.check_count(len(metas) - 1)
     layer_rows((1,), granularity)  # validates the granularity before anything else
     if missing not in MISSING:
         raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")

@@ -54,10 +54,12 @@ def gram(w0: Tensor, ws: Sequence[Tensor], rows: int = 1) -> Tensor:
     return out
 
 
-def merge_into(out: Tensor, w0: Tensor | None, ws: Sequence[Tensor], t=None) -> Tensor:
+def merge_into(out: Tensor, w0: Tensor | None, ws: Sequence[Tensor], t=None, weights=None) -> Tensor:
     """``out = w0 + t mean_i(w_i - w0)`` with one ``t`` per row (``len(t)`` rows); the plain
     mean ``(ws[0] + ... + ws[N-1]) / N`` when ``w0`` is None. Flat tensors of one dtype; ``out``
     may be ``w0`` or ``ws[0]``. Tile by tile, so the intermediates stay in cache.
+    ``weights`` ((rows, N), a merge method's per-model weights, ``modelstock/methods``): the
+    mean is of ``weights[:, i] * (w_i - w0)``; None is all ones (no product at all).
 
     The spec's ``w0 + t (mean_i(w_i) - w0)``, with the mean taken of the deltas: a fine-tuned
     w_i is near w0, so w_i - w0 is exact (or nearly) and the mean of the deltas rounds at the
@@ -68,6 +70,7 @@ def merge_into(out: Tensor, w0: Tensor | None, ws: Sequence[Tensor], t=None) -> 
     out2, ws2 = out.view(rows, k), [w.view(rows, k) for w in ws]
     base2 = None if w0 is None else w0.view(rows, k)
     weight = None if t is None else torch.as_tensor(t, dtype=out.dtype, device=out.device).view(rows, 1)
+    per_model = None if weights is None else torch.as_tensor(weights, dtype=out.dtype, device=out.device).view(rows, -1)
     scratch = torch.empty(2, min(BLOCK, out.numel()), dtype=out.dtype, device=out.device)
     for r0, r1, c0, c1 in tiles(rows, k):
         tile = (slice(r0, r1), slice(c0, c1))
@@ -79,8 +82,11 @@ def merge_into(out: Tensor, w0: Tensor | None, ws: Sequence[Tensor], t=None) -> 
             out2[tile].copy_(mean.div_(len(ws)))
         else:
             torch.sub(ws2[0][tile], base2[tile], out=mean)
-            for w in ws2[1:]:
-                mean.add_(torch.sub(w[tile], base2[tile], out=d))
+            if per_model is not None:
+                mean.mul_(per_model[r0:r1, :1])
+            for i, w in enumerate(ws2[1:], 1):
+                torch.sub(w[tile], base2[tile], out=d)
+                mean.add_(d if per_model is None else d.mul_(per_model[r0:r1, i: i + 1]))
             mean.div_(len(ws)).mul_(weight[r0:r1])
             torch.add(base2[tile], mean, out=out2[tile])
     return out

@@ -63,6 +63,7 @@ class MergeReport:
     int_tensors: str = "max"     # the policy for non-float tensors that differ (layer.INT_POLICIES)
     missing: str = "refuse"      # what was done with tensors some models lack (plan.MISSING)
     dropped: list[str] = field(default_factory=list)  # "source: name" of tensors the base lacks, left out
+    method: str = "model_stock"  # the merge method (modelstock/methods); t is its scale (c_i = t w_i / N)
 
     # --- summaries -------------------------------------------------------------------------
     def merged_layers(self) -> list[LayerStats]:
@@ -96,8 +97,9 @@ class MergeReport:
 
     @property
     def mean_angle_deg(self) -> float | None:
-        """Mean angle between the fine-tuned deltas, weighted by each layer's size."""
-        merged = self.merged_layers()
+        """Mean angle between the fine-tuned deltas, weighted by each layer's size (None when
+        the method computed no angles: uniform, WiSE-FT)."""
+        merged = [m for m in self.merged_layers() if m.angle_deg is not None]
         total = sum(m.numel for m in merged)
         return sum(m.angle_deg * m.numel for m in merged) / total if total else None
 
@@ -150,7 +152,7 @@ class MergeReport:
     # --- files -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(method="model_stock", layers=[asdict(layer) for layer in self.by_depth()], parameters=self.parameters,
+        d.update(method=self.method, layers=[asdict(layer) for layer in self.by_depth()], parameters=self.parameters,
                  mean_angle_deg=self.mean_angle_deg, clamped_layers=self.clamped_layers,
                  ratio_outside_layers=self.ratio_outside_layers, differing_int_tensors=self.differing_int_tensors)
         return d

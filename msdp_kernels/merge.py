@@ -27,9 +27,11 @@ it (d_i = w_i - w0, loaded in the storage dtype, converted to fp32 at once) to i
 a partials buffer; a second, tiny kernel adds each segment's partials in fp64, in tile order.
 No atomics: the same inputs give bitwise the same Gram on every run.
 
-Merge pass: each program owns one tile and writes w0 + t_seg * mean_i(w_i - w0) in the
+Merge pass: each program owns one tile and writes w0 + t_seg * mean_i(u_seg,i (w_i - w0)) in the
 output dtype, accumulating in fp32 (the mean of the deltas, as ``modelstock/reference.py``:
-the only rounding at the weights' magnitude is the final add).
+the only rounding at the weights' magnitude is the final add). ``t`` and ``u`` are a merge
+method's per-segment coefficients (``modelstock/methods``: c_i = t u_i / N); the kernel knows no
+method. Model Stock's u is all ones, and x * 1 is exact, so its bytes are those of the mean.
 """
 from __future__ import annotations
 
@@ -173,9 +175,9 @@ def _reduce_segments_kernel(partials, seg_tiles, gram, NN: tl.constexpr, CHUNK: 
 
 
 @triton.jit
-def _merge_chunk(base, off0, offw, rmask, out, idx, mask, ratio, n, MASKED: tl.constexpr):
+def _merge_chunk(base, off0, offw, rmask, out, idx, mask, ratio, u, n, MASKED: tl.constexpr):
     w0, w = _load_chunk(base, off0, offw, rmask, idx, mask, MASKED)
-    d = tl.where(rmask[:, None], w - w0[None, :], 0.0)  # rows past n: no delta
+    d = tl.where(rmask[:, None], (w - w0[None, :]) * u[:, None], 0.0)  # rows past n: no delta
     merged = (w0 + ratio * (tl.sum(d, axis=0) / n)).to(out.dtype.element_ty)
     if MASKED:
         tl.store(out + idx, merged, mask=mask)
@@ -184,9 +186,10 @@ def _merge_chunk(base, off0, offw, rmask, out, idx, mask, ratio, n, MASKED: tl.c
 
 
 @triton.jit
-def _merge_tiles_kernel(base, offs_tab, out, out_offs, tiles, tile_seg, t, ok, n, stride, NPAD: tl.constexpr,
+def _merge_tiles_kernel(base, offs_tab, out, out_offs, tiles, tile_seg, t, u_tab, ok, n, stride, NPAD: tl.constexpr,
                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, STAGES: tl.constexpr):
-    """out = w0 + t[seg] * mean_i(w_i - w0) over one tile, in fp32, stored in out's dtype.
+    """out = w0 + t[seg] * mean_i(u[seg, i] (w_i - w0)) over one tile, in fp32, stored in out's
+    dtype (u: (segments, NPAD) fp32).
     Program ``pid`` owns tile ``pid``, chunked as in the Gram pass; the output may be one of the
     inputs (same offsets): every element is loaded before it is stored. Nothing is written
     when ``ok[0]`` is 0 (some ratio is not finite): the launch need not wait for the host's
@@ -196,22 +199,24 @@ def _merge_tiles_kernel(base, offs_tab, out, out_offs, tiles, tile_seg, t, ok, n
     pid = tl.program_id(0).to(tl.int64)
     layer, start, end, idx, full = _tile(tiles, pid, ALIGNED, BLOCK)
     off0, offw, rmask = _offsets(offs_tab, layer, stride, n, NPAD, ALIGNED)
-    ratio = tl.load(t + tl.load(tile_seg + pid))
+    seg = tl.load(tile_seg + pid)
+    ratio = tl.load(t + seg)
+    u = tl.load(u_tab + seg * NPAD + tl.arange(0, NPAD), mask=rmask, other=0.0)
     o = tl.load(out_offs + layer)
     if ALIGNED:
         o = tl.multiple_of(o, 8)
     dst = out + o
     if CHUNKS == 1:
         if start + BLOCK <= end:
-            _merge_chunk(base, off0, offw, rmask, dst, idx, None, ratio, n, False)
+            _merge_chunk(base, off0, offw, rmask, dst, idx, None, ratio, u, n, False)
         else:
-            _merge_chunk(base, off0, offw, rmask, dst, idx, idx < end, ratio, n, True)
+            _merge_chunk(base, off0, offw, rmask, dst, idx, idx < end, ratio, u, n, True)
     else:
         for c in tl.range(0, full, num_stages=STAGES):
-            _merge_chunk(base, off0, offw, rmask, dst, idx + c * BLOCK, None, ratio, n, False)
+            _merge_chunk(base, off0, offw, rmask, dst, idx + c * BLOCK, None, ratio, u, n, False)
         rest = idx + full * BLOCK
         if start + full * BLOCK < end:
-            _merge_chunk(base, off0, offw, rmask, dst, rest, rest < end, ratio, n, True)
+            _merge_chunk(base, off0, offw, rmask, dst, rest, rest < end, ratio, u, n, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +284,30 @@ def gram(inputs: Addresses, tiles: torch.Tensor, seg_tiles: torch.Tensor, n: int
 
 
 def merge(inputs: Addresses, outputs: Addresses, tiles: torch.Tensor, tile_seg: torch.Tensor, t: torch.Tensor,
-          n: int, is_aligned: bool, ok: torch.Tensor) -> None:
-    """Write every layer's merged weights (``t``: fp32, one per segment) to the outputs, unless
-    ``ok`` (int32 (1,), on the device) is 0."""
+          n: int, is_aligned: bool, ok: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """Write every layer's merged weights (``t``: fp32, one per segment; ``weights``: fp32
+    (segments, n) per-model weights, None for all ones) to the outputs, unless ``ok`` (int32
+    (1,), on the device) is 0."""
     npad = padded_models(n)
     chunks, stages = pipeline(inputs.base.element_size())
+    u = _ones(t.shape[0], npad, t.device) if weights is None else \
+        torch.nn.functional.pad(weights.to(torch.float32), (0, npad - n)).contiguous()
     if tiles.shape[0]:
         _merge_tiles_kernel[(tiles.shape[0],)](inputs.base, inputs.offs, outputs.base, outputs.offs.view(-1), tiles,
-                                               tile_seg, t, ok, n, inputs.offs.stride(0),
+                                               tile_seg, t, u, ok, n, inputs.offs.stride(0),
                                                NPAD=npad, ALIGNED=is_aligned, BLOCK=block_size(npad),
                                                CHUNKS=chunks, STAGES=stages, num_warps=_NUM_WARPS)
+
+
+_ONES: dict = {}
+
+
+def _ones(segments: int, npad: int, device) -> torch.Tensor:
+    """All-ones weights, made once per shape and device (a merge every few training steps
+    allocates nothing)."""
+    key = (segments, npad, str(device))
+    if key not in _ONES:
+        if len(_ONES) > 8:
+            _ONES.clear()
+        _ONES[key] = torch.ones(segments, npad, dtype=torch.float32, device=device)
+    return _ONES[key]

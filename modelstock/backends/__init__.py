@@ -1,13 +1,15 @@
 """Where the merge's arithmetic runs. Two contracts:
 
-**Per-layer math** (``modelstock/layer.py`` calls it as ``ops``): ``gram``, ``merge_into``,
+**Per-layer math** (``modelstock/layer.py`` calls it as ``ops``): ``gram``, ``merge_into`` (with a
+method's per-row scale and per-model weights),
 ``all_finite``, ``cast``, ``widen``, ``equal``, ``maximum`` (optionally ``merge_from_mean_delta``), over flat
 arrays of the compute dtype. ``modelstock/reference.py`` is it on torch tensors (the spec made
 executable); ``numpy_ops.py`` is the same math on numpy arrays for the torch-free file merge.
 
 **Layer executors** (what ``InPlaceMerge`` hands its layers to): built once from
-``LayerEntry``s, called for every merge; each call writes every entry's result into its
-``out`` and returns ``{layer name: LayerStats}``:
+``LayerEntry``s and the merge method (``modelstock/methods``: which statistics to compute, and
+the coefficients from them), called for every merge; each call writes every entry's result
+into its ``out`` and returns ``{layer name: LayerStats}``:
   torch_layers.CopyLayers   non-float tensors, kept from the base when all agree
   torch_layers.TorchLayers  one layer at a time on the reference (CPU, fp64, odd layouts)
   triton.TritonLayers       all layers in one Gram launch and one merge launch per dtype group

@@ -79,14 +79,15 @@ def _mean_of(d: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def merge_into(out: np.ndarray, w0: np.ndarray | None, ws: Sequence[np.ndarray], t=None) -> np.ndarray:
-    """``out = w0 + t mean_i(w_i - w0)`` per row, or the plain mean; see reference.merge_into.
+def merge_into(out: np.ndarray, w0: np.ndarray | None, ws: Sequence[np.ndarray], t=None, weights=None) -> np.ndarray:
+    """``out = w0 + t mean_i(weights_i (w_i - w0))`` per row, or the plain mean; see reference.merge_into.
     Tiles are independent: they are computed on all cores."""
     rows = 1 if t is None else len(t)
     k = out.size // rows
     out2, ws2 = out.reshape(rows, k), [w.reshape(rows, k) for w in ws]
     base2 = None if w0 is None else w0.reshape(rows, k)
     weight = None if t is None else np.asarray(t, dtype=out.dtype).reshape(rows, 1)
+    per_model = None if weights is None else np.asarray(weights, dtype=out.dtype).reshape(rows, -1)
 
     def merge_tiles(taken):
         scratch = np.empty((2, min(BLOCK, out.size)), dtype=out.dtype)
@@ -97,8 +98,13 @@ def merge_into(out: np.ndarray, w0: np.ndarray | None, ws: Sequence[np.ndarray],
                 out2[tile] = _mean_of([w[tile] for w in ws2], out=mean)
             else:
                 np.subtract(ws2[0][tile], base2[tile], out=mean)
-                for w in ws2[1:]:
-                    mean += np.subtract(w[tile], base2[tile], out=d)
+                if per_model is not None:
+                    mean *= per_model[r0:r1, :1]
+                for i, w in enumerate(ws2[1:], 1):
+                    np.subtract(w[tile], base2[tile], out=d)
+                    if per_model is not None:
+                        d *= per_model[r0:r1, i: i + 1]
+                    mean += d
                 mean /= len(ws)
                 mean *= weight[r0:r1]
                 np.add(base2[tile], mean, out=out2[tile])

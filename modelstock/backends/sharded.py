@@ -5,8 +5,9 @@ Each rank computes the Gram partial sums of its local shards of every layer (the
 fp32 products in runs, fp64 sums), at the layer's global rows (``row`` granularity: a row split
 across ranks gets each rank's part). All layers' partials go through **one** all-reduce (fp64)
 per merge (after one small all-reduce in which the ranks agree that every check passed:
-``merging/agreement.py``); every rank then computes the same ratios and merges its own shards
-in place. No
+``merging/agreement.py``); every rank then computes the same coefficients (the merge method's,
+from the Gram; a method that needs none skips the all-reduce) and merges its own shards in
+place. No
 parameter is gathered: a rank's memory is its shards (and the base's local shards). A mesh
 dimension the tensor is replicated on contributes once (from its first coordinate).
 """
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from .. import reference
 from ..errors import InputError
-from ..layer import checked_ratio, require_finite
+from ..layer import check_result_finite, checked_coefficients, require_finite
 from ..plan import Layer
 from ..report import LayerStats
 from . import LayerEntry
@@ -95,9 +96,8 @@ class ShardedLayers:
     tensors and targets are DTensors throughout, all on one mesh (a full base is sliced to
     this rank's shard first: ``local_like``)."""
 
-    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype,
-                 **_):
-        self.sources, self.eps, self.clamp, self.compute_dtype = sources, eps, clamp, compute_dtype
+    def __init__(self, entries: list[LayerEntry], sources, *, method, compute_dtype: torch.dtype, **_):
+        self.sources, self.method, self.compute_dtype = sources, method, compute_dtype
         self.pieces: list[_Piece] = []
         meshes = {id(t.device_mesh): t.device_mesh for e in entries for t in [*e.tensors, e.out]}
         if len(meshes) > 1:
@@ -128,7 +128,7 @@ class ShardedLayers:
             if p.layer.kind == "average":
                 require_finite(reference, [t.to_local() for t in p.tensors[1:]], self.sources[1:], p.layer.names[1:])
         merged = [p for p in self.pieces if p.layer.kind == "merge"]
-        if not merged:
+        if not merged or self.method.statistics != "gram":  # a method that needs no Gram: no collective
             return lambda: self._finish(None)
         grams = torch.zeros(sum(p.rows for p in merged), n, n, dtype=torch.float64,
                             device=merged[0].out.to_local().device)
@@ -158,12 +158,16 @@ class ShardedLayers:
                 result = reference.merge_into(torch.empty_like(flat[0]), None, flat[1:])
                 figures[p.layer.name] = LayerStats(p.layer.name, list(p.layer.shape), p.layer.numel, "average")
             else:
-                r = checked_ratio(grams[start: start + p.rows], p.layer, flat, self.sources, reference, eps=self.eps,
-                                  clamp=self.clamp, elsewhere="holds NaN or inf (in another rank's shard)")
+                stats = None if grams is None else grams[start: start + p.rows]
+                c = checked_coefficients(self.method, stats, p.layer, flat, self.sources, reference,
+                                         elsewhere="holds NaN or inf (in another rank's shard)")
                 start += p.rows
-                t = r.t[p.row0: p.row0 + p.local_rows] if p.rows > 1 else r.t
-                result = reference.merge_into(torch.empty_like(flat[0]), flat[0], flat[1:], t) if flat[0].numel() \
-                    else flat[0]
-                figures[p.layer.name] = LayerStats.from_ratio(p.layer.name, p.layer.shape, r)
+                here = slice(p.row0, p.row0 + p.local_rows) if p.rows > 1 else slice(None)
+                weights = None if c.weights is None else c.weights[here]
+                result = reference.merge_into(torch.empty_like(flat[0]), flat[0], flat[1:], c.scale[here], weights) \
+                    if flat[0].numel() else flat[0]
+                if stats is None:  # no Gram saw this shard: a NaN or inf shows in the result
+                    check_result_finite(result, flat, self.sources, p.layer, reference)
+                figures[p.layer.name] = self.method.layer_stats(p.layer.name, p.layer.shape, c)
             out.copy_(result.view(out.shape))
         return figures

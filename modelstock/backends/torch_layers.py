@@ -28,10 +28,9 @@ class CopyLayers:
 class TorchLayers:
     """Each layer on ``modelstock/reference.py``, in ``compute_dtype``, on the target's device."""
 
-    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, compute_dtype: torch.dtype,
-                 **_):
+    def __init__(self, entries: list[LayerEntry], sources, *, method, compute_dtype: torch.dtype, **_):
         self.entries, self.sources = entries, sources
-        self.eps, self.clamp, self.compute_dtype = eps, clamp, compute_dtype
+        self.method, self.compute_dtype = method, compute_dtype
 
     def __call__(self, stats: bool = True) -> dict:
         result = {}
@@ -39,6 +38,6 @@ class TorchLayers:
             layer, out = e.layer, e.out
             flat = [t.reshape(-1).to(device=out.device, dtype=self.compute_dtype) for t in e.tensors]
             merged, result[layer.name] = merge_layer(layer, flat[0], flat[1:], torch.empty_like(flat[0]), self.sources,
-                                                     reference, eps=self.eps, clamp=self.clamp)
+                                                     reference, method=self.method)
             out.copy_(cast_output(merged, dtype_name(out.dtype), result[layer.name], reference).view(layer.shape))
         return result

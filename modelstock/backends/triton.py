@@ -16,9 +16,10 @@ from torch import Tensor
 from msdp_kernels import merge as kmerge
 
 from .. import reference as _torch_ops
-from ..layer import check_extrapolation, require_finite, undefined_ratio
+from ..errors import InputError
+from ..layer import check_extrapolation, require_finite
+from ..methods import Coefficients
 from ..plan import Layer
-from ..ratio import Ratio, ratio
 from ..report import LayerStats
 from . import LayerEntry
 
@@ -89,41 +90,72 @@ def takes(entry: LayerEntry) -> bool:
 class TritonLayers:
     """The layer executor on the kernels (``modelstock/backends/__init__.py``)."""
 
-    def __init__(self, entries: list[LayerEntry], sources, *, eps: float, clamp: bool, **_):
-        self.sources, self.eps, self.clamp = sources, eps, clamp
+    def __init__(self, entries: list[LayerEntry], sources, *, method, **_):
+        self.sources, self.method = sources, method
         self.prepared = Prepared([e.layer for e in entries], [e.tensors for e in entries], [e.out for e in entries])
 
     def __call__(self, stats: bool = True) -> dict:
-        figures = run(self.prepared, self.sources, eps=self.eps, clamp=self.clamp, stats=stats)
+        figures = run(self.prepared, self.sources, self.method, stats=stats)
         return {layer.name: st for layer, st in zip(self.prepared.layers, figures)}
 
 
-def run(p: Prepared, sources: Sequence[str], *, eps: float, clamp: bool, stats: bool = True) -> list[LayerStats | None]:
-    """Merge the prepared layers into their outputs; each layer's figures (None if not ``stats``).
-    One host synchronisation per group, for the NaN / inf check, after the merge's launch (so
-    the GPU runs the two passes back to back): the merge writes nothing unless every ratio of
-    the group is finite, and the check then raises."""
+def run(p: Prepared, sources: Sequence[str], method, *, stats: bool = True) -> list[LayerStats | None]:
+    """Merge the prepared layers into their outputs with ``method`` (``modelstock/methods``);
+    each layer's figures (None if not ``stats``). One host synchronisation per group, for the
+    NaN / inf check, after the merge's launch (so the GPU runs the two passes back to back):
+    the merge writes nothing unless every coefficient of the group is finite, and the check
+    then raises. A method that needs no Gram skips the Gram pass; its check is of the result."""
     result: list[LayerStats | None] = [None] * len(p.layers)
     for g in p.groups:
-        gram = kmerge.gram(g.inputs, g.tiles, g.seg_tiles, g.n, g.aligned, g.partials)
-        r = ratio(gram, eps=eps, clamp=clamp)
-        finite = torch.isfinite(r.norms).all(1) & torch.isfinite(r.t)
+        rows = sum(s1 - s0 for s0, s1 in g.segments)
+        device = g.partials.device
+        if method.statistics == "gram":
+            gram = kmerge.gram(g.inputs, g.tiles, g.seg_tiles, g.n, g.aligned, g.partials)
+            c = method.coefficients(gram, g.n, rows)
+            finite = torch.isfinite(gram.diagonal(0, -2, -1)).all(1) & torch.isfinite(c.scale)
+        else:
+            c = method.coefficients(None, g.n, rows)
+            finite = torch.isfinite(torch.as_tensor(c.scale, device=device))
         ok = finite.all().to(torch.int32).reshape(1)
-        kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, r.t.to(torch.float32), g.n, g.aligned, ok)
+        scale = torch.as_tensor(c.scale, device=device).to(torch.float32)
+        weights = None if c.weights is None else torch.as_tensor(c.weights, device=device).to(torch.float32)
+        kmerge.merge(g.inputs, g.outputs, g.tiles, g.tile_seg, scale, g.n, g.aligned, ok, weights)
         if not bool(ok):
-            _raise_non_finite(g, finite, p.layers, p.tensors, sources)
-        if stats or not clamp:
-            host = Ratio(*(x.cpu() for x in (r.norms, r.cos_pairs, r.cos, r.t, r.clamped)))
+            _raise_non_finite(g, finite, p.layers, p.tensors, sources, method)
+        if method.statistics is None:
+            for i in g.layers:
+                if not bool(torch.isfinite(p.outs[i]).all()):
+                    require_finite(_torch_ops, p.tensors[i], sources, p.layers[i].names)
+                    raise InputError("the merged weights overflow the compute dtype", None, p.layers[i].name)
+        if stats or not getattr(method, "clamp", True) or method.statistics is None:
+            host = Coefficients(_cpu(c.scale), _cpu(c.weights), _cpu(c.figures))
             for i, (s0, s1) in zip(g.layers, g.segments):
-                part = Ratio(*(x[s0:s1] for x in (host.norms, host.cos_pairs, host.cos, host.t, host.clamped)))
-                result[i] = LayerStats.from_ratio(p.layers[i].name, p.layers[i].shape, part)
+                part = Coefficients(host.scale[s0:s1], None if host.weights is None else host.weights[s0:s1],
+                                    _rows(host.figures, s0, s1))
+                result[i] = method.layer_stats(p.layers[i].name, p.layers[i].shape, part)
                 check_extrapolation(p.outs[i], result[i], _torch_ops)
     return result if stats else [None] * len(p.layers)
 
 
-def _raise_non_finite(g: _Group, finite: Tensor, layers, tensors, sources) -> None:
-    """The error layer.py gives for the first layer of the group whose ratio is not finite."""
+def _cpu(x):
+    """``x`` on the host: a tensor, or a dataclass of tensors (a method's figures), or as it is."""
+    if hasattr(x, "cpu"):
+        return x.cpu()
+    if hasattr(x, "__dataclass_fields__"):
+        return type(x)(*(_cpu(getattr(x, f)) for f in x.__dataclass_fields__))
+    return x
+
+
+def _rows(x, s0: int, s1: int):
+    """Rows s0:s1 of every field of a method's figures (a dataclass of per-row arrays)."""
+    if hasattr(x, "__dataclass_fields__"):
+        return type(x)(*(getattr(x, f)[s0:s1] for f in x.__dataclass_fields__))
+    return x
+
+
+def _raise_non_finite(g: _Group, finite: Tensor, layers, tensors, sources, method) -> None:
+    """The error layer.py gives for the first layer of the group whose coefficients are not finite."""
     bad_seg = int(torch.nonzero(~finite)[0])
     i = next(i for i, (s0, s1) in zip(g.layers, g.segments) if s0 <= bad_seg < s1)
     require_finite(_torch_ops, tensors[i], sources, layers[i].names)
-    raise undefined_ratio(layers[i])
+    raise method.undefined(layers[i].name)

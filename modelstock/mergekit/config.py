@@ -21,7 +21,7 @@ from ..io.hub import TOKENIZER_FILES
 
 METHOD = "model_stock"
 SUPPORTED = ("supported: merge_method: model_stock with base_model and models given as local paths or hub ids "
-             "(org/name, org/name@revision), "
+             "(org/name, org/name@revision; a model may be base_model+lora_path, a PEFT LoRA adapter of the base), "
              "parameters: filter_wise, dtype, out_dtype, tokenizer_source: base (or tokenizer: {source: base})")
 _KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name", "tokenizer_source",
          "tokenizer"}
@@ -41,13 +41,16 @@ class ModelStockConfig:
     given: dict[Path, str] = field(default_factory=dict)  # each model as the config names it (a hub id, a path)
 
 
-def _model_path(entry, where: str, root: Path, given: dict) -> Path:
-    path = _resolve(entry, where, root)
+def _model_path(entry, where: str, root: Path, given: dict, base: Path | None = None) -> Path:
+    path = _resolve(entry, where, root, base)
     given[path] = entry["model"] if isinstance(entry, dict) else entry
     return path
 
 
-def _resolve(entry, where: str, root: Path) -> Path:
+def _resolve(entry, where: str, root: Path, base: Path | None = None) -> Path:
+    """A model entry's local path (a hub id's snapshot); ``base+adapter`` (mergekit's LoRA
+    syntax, in ``models``) is the adapter's, merged natively from its factors, when its base is
+    ``base``."""
     if isinstance(entry, dict):
         if set(entry) - {"model", "parameters"}:
             raise InputError(f"{where}: keys {sorted(set(entry) - {'model', 'parameters'})} are not supported; {SUPPORTED}")
@@ -55,7 +58,7 @@ def _resolve(entry, where: str, root: Path) -> Path:
     if not isinstance(entry, str) or not entry:
         raise InputError(f"{where}: a model must be a path or a hub id; {SUPPORTED}")
     if "+" in entry:
-        raise InputError(f"{where}: {entry!r}: a model with a LoRA (+) is not supported; {SUPPORTED}")
+        return _lora_path(entry, where, root, base)
     path = Path(entry).expanduser()
     if not path.is_absolute() and (root / path).exists():  # beside the config first, as a path
         return root / path
@@ -67,6 +70,21 @@ def _resolve(entry, where: str, root: Path) -> Path:
     if not path.exists():
         raise InputError(f"{where}: {entry!r} is neither a local path nor a hub id (org/name); {SUPPORTED}")
     return path
+
+
+def _lora_path(entry: str, where: str, root: Path, base: Path | None) -> Path:
+    from ..io.adapters import is_adapter
+
+    model, lora = entry.split("+", 1)
+    if base is None:
+        raise InputError(f"{where}: {entry!r}: a base_model with a LoRA (+) is not supported; {SUPPORTED}")
+    adapter = _resolve(lora, where, root)
+    if not is_adapter(adapter):
+        raise InputError(f"{where}: {lora!r} is not a PEFT LoRA adapter folder (adapter_config.json)")
+    if _resolve(model, where, root).resolve() != base.resolve():
+        raise InputError(f"{where}: {entry!r}: the LoRA's model must be the base_model (Model Stock merges "
+                         f"updates of one base); {SUPPORTED}")
+    return adapter
 
 
 def _dtype(value, key: str) -> str | None:
@@ -117,7 +135,7 @@ def load(config_path) -> ModelStockConfig:
         raise InputError(f"models must be a list; {SUPPORTED}", str(path))
     finetuned = []
     for i, entry in enumerate(entries):
-        p = _model_path(entry, f"models[{i}]", root, given)
+        p = _model_path(entry, f"models[{i}]", root, given, base)
         if isinstance(entry, dict) and entry.get("parameters"):
             ignored.append(f"models[{i}].parameters (model_stock does not use per-model parameters)")
         if p.resolve() != base.resolve():  # mergekit counts the base once, wherever it is listed

@@ -54,6 +54,11 @@ def _vocabulary(cfg: ModelStockConfig, notice):
     config's new vocab_size (``vocabulary.py``); else nothing to change."""
     if cfg.tokenizer_source != "base":
         return None, None
+    from ..io.adapters import is_adapter
+
+    if any(is_adapter(p) for p in cfg.finetuned):
+        raise InputError("tokenizer_source: base with LoRA models (base+lora): not supported (an adapter has "
+                         "no vocabulary of its own to resize)")
     from ..io import open_checkpoint
     from . import vocabulary
 

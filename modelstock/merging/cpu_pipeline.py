@@ -114,7 +114,7 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     writer writes; appends each layer's figures to ``report`` in order. ``check()`` runs before
     each layer (``io/leases.py``: it raises if an input is about to change)."""
     sources = report.inputs
-    eps, clamp, compute_dtype = options.eps, options.clamp, options.compute_dtype
+    compute_dtype = options.compute_dtype
     floats = [layer for layer in layers if not layer.copied]
     buffer_elems = {layer.name: _buffer_elems(layer, dtype, compute_dtype)
                     for layer, (_, dtype, _) in zip(layers, entries) if not layer.copied}
@@ -141,7 +141,7 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
                 (w0, *ws), region = item
                 out_buf = region[: layer.numel]
                 # out_buf: the region's head; inputs converted to the compute dtype lie past it
-                merged, stats = merge_layer(layer, w0, ws, out_buf, sources, numpy_ops, eps=eps, clamp=clamp,
+                merged, stats = merge_layer(layer, w0, ws, out_buf, sources, numpy_ops, method=options.method,
                                             out_is_separate=True)
                 spare = None
                 if dtype != compute_dtype:  # the region's tail is reserved for the cast

@@ -14,17 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ..errors import InputError, require_two_finetuned
 from ..dtypes import nbytes
 from ..io import CheckpointWriter, TensorSource, folders, open_checkpoint, output_paths, remove_stale_temporaries
 from ..io.atomic import AtomicFolder, remove_stale
 from ..io.leases import InputGuard
+from ..errors import InputError
 from ..io.outputs import check_not_an_input, check_output_file, names_a_folder
 from ..plan import dropped_tensors, plan_layers, warn_unmatched
+from ..methods import resolve
 from ..ratio import EPS
 from ..report import MergeReport
 from ..sizes import parse_size
-from . import cpu_pipeline
+from . import adapters, cpu_pipeline
 from .options import MergeOptions
 
 
@@ -46,7 +47,7 @@ class _Pipeline:
 
 
 def merge_files(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     finetuned: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
@@ -69,6 +70,8 @@ def merge_files(
     extra_files: Mapping[str, bytes] | None = None,
     config_values: Mapping[str, object] | None = None,
     transform: Callable[[TensorSource], TensorSource] | None = None,
+    method="model_stock",
+    adapter: bool = False,
 ) -> MergeReport:
     """Merge checkpoint files into ``out`` (safetensors; ``.pt`` if the name ends so), streaming.
 
@@ -85,7 +88,13 @@ def merge_files(
     ``from_pretrained(out)`` loads it; ``extra_files`` ({name: bytes}) are written there too, and
     ``config_values`` ({key: value}) set in its ``config.json``. ``transform``: each opened
     input passes through it (mergekit's vocabulary resize, ``modelstock/mergekit/vocabulary.py``).
-    ``int_tensors`` and ``missing``: as :func:`modelstock.merge`'s.
+    ``int_tensors``, ``missing`` and ``method``: as :func:`modelstock.merge`'s.
+
+    Fine-tuned inputs may be PEFT LoRA adapter folders (``adapter_config.json``), alone or
+    beside full checkpoints; ``base`` may then be None (the base the adapters name). The
+    method's statistics come from the adapters' factors (``modelstock/merging/adapters.py``);
+    the output is the full model, or with ``adapter=True`` (every fine-tuned input an adapter)
+    a LoRA adapter folder of rank sum(r_i) whose update is the merge's.
     Nothing is written unless the whole merge succeeds (files are renamed into place at the
     end); ``durable`` also fsyncs them, so they survive a power cut.
 
@@ -98,15 +107,27 @@ def merge_files(
     start = time.perf_counter()
     if isinstance(finetuned, (str, os.PathLike)):
         raise TypeError("finetuned must be a sequence of paths")
-    require_two_finetuned(len(finetuned))
+    if base is None and not adapters.any_adapter(finetuned):
+        raise TypeError("base may be None only when the fine-tuned inputs are LoRA adapters (they name their base)")
+    method = resolve(method, eps=eps, clamp=clamp)
+    method.check_count(len(finetuned))
+    options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, compute_dtype, int_tensors,
+                           missing, method)
+    pipeline = _pipeline(device, backend, chunk_size, progress)
+    shard_bytes = parse_size(shard_size, "shard_size")
+    if adapter or adapters.any_adapter([base, *finetuned]):  # LoRA inputs: merged from their factors
+        if pipeline.device is not None:
+            raise InputError("LoRA adapter inputs are merged on the CPU (device='cpu'): their merge reads little "
+                             "more than the base")
+        if transform is not None:
+            raise InputError("resizing the vocabulary (tokenizer_source) is not supported with LoRA adapter inputs")
+        return adapters.merge(base, finetuned, out, options, shard_size=shard_bytes, force=force, durable=durable,
+                              adapter=adapter, skip_files=skip_files, extra_files=extra_files,
+                              config_values=config_values)
     if names_a_folder(out) and not folders.is_model_folder(base):
         raise InputError("ends with a path separator, so it names a folder, but the output is a file (the base is "
                          "no model folder with a config.json): name the file, e.g. "
                          f"{os.path.join(out, 'merged.safetensors')}", str(out))
-    options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, compute_dtype, int_tensors,
-                           missing)
-    pipeline = _pipeline(device, backend, chunk_size, progress)
-    shard_bytes = parse_size(shard_size, "shard_size")
     # Before any input is opened: the output is none of them, holds none, lies in none.
     check_not_an_input(out, [base, *finetuned])
     inputs = []
@@ -145,8 +166,9 @@ def _pipeline(device: str, backend: str, chunk_size, progress: bool) -> _Pipelin
 
 
 def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float,
-                       skip_files, extra_files: Mapping[str, bytes], config_values) -> MergeReport:
-    """The base is a model folder: the output is a folder laid out like it (``io/folders.py``)."""
+                       skip_files, extra_files: Mapping[str, bytes], config_values, run=None) -> MergeReport:
+    """The base is a model folder: the output is a folder laid out like it (``io/folders.py``).
+    ``run(weights_output)`` writes the weights (default: this module's merge of ``inputs``)."""
     out = output.path
     companions = [p for p in folders.companion_files(base) if p.name not in set(skip_files)]
     config = folders.updated_config(base / "config.json", options.out_dtype, config_values)
@@ -160,7 +182,7 @@ def _merge_into_folder(inputs, base: Path, output: _Output, options: MergeOption
     staging = AtomicFolder(out, output.durable)
     try:
         weights = _Output(staging.path / folders.WEIGHTS_NAME, output.shard_size, output.force, output.durable)
-        report = _merge_open(inputs, weights, options, pipeline, start)
+        report = run(weights) if run else _merge_open(inputs, weights, options, pipeline, start)
         folders.copy_companions(companions, staging.path, output.durable)
         folders.write_files(staging.path, extra_files, output.durable)
         placed = staging.commit(output.force, folders.replaced_files)
@@ -181,12 +203,21 @@ def _nothing_merged(metas, sources, missing: str) -> str:
         what = f"{source}: {len(meta)} tensor(s)" + (f", e.g. '{first}'" if first else "")
         folder = Path(source) if os.path.isdir(source) else Path(source).parent
         if (folder / "adapter_config.json").is_file() or any(".lora_" in n for n in meta):
-            what += " (a PEFT adapter, not a model's weights: merge it into its model first, e.g. peft's " \
-                    "merge_and_unload(), and give that)"
+            what += " (a PEFT adapter's tensors: give the adapter's folder, with its adapter_config.json, and " \
+                    "it is merged from its factors)"
         parts.append(what)
     cause = "the inputs share no floating-point tensor" + (
         " (--missing base would only copy the base)" if missing == "base" else "")
     return f"nothing to merge: {cause}; " + "; ".join(parts)
+
+
+def merge_metadata(options: MergeOptions, sources: Sequence[str]) -> str:
+    """What an output's metadata records of the merge (the method's own parameters after the
+    count and granularity: Model Stock's clamp and eps where they always were)."""
+    described = options.method.describe()
+    return json.dumps({"method": described["method"], "n": len(sources) - 1, "granularity": options.granularity,
+                       **{k: v for k, v in described.items() if k != "method"}, "exclude": list(options.exclude),
+                       "base": os.path.basename(sources[0]), "finetuned": [os.path.basename(s) for s in sources[1:]]})
 
 
 def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipeline, start: float) -> MergeReport:
@@ -194,7 +225,7 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
     sources = [ck.path for ck in inputs]
     metas = [ck.tensors() for ck in inputs]
     layers = plan_layers(metas, sources, granularity=options.granularity, exclude=options.exclude,
-                         missing=options.missing)
+                         missing=options.missing, method=options.method)
     if not any(layer.kind in ("merge", "average") for layer in layers):
         raise InputError(_nothing_merged(metas, sources, options.missing))
     warn_unmatched(layers, options.exclude)
@@ -207,13 +238,10 @@ def _merge_open(inputs, output: _Output, options: MergeOptions, pipeline: _Pipel
     n = len(inputs) - 1
     report = MergeReport(n=n, granularity=options.granularity, clamp=options.clamp, eps=options.eps, inputs=sources,
                          int_tensors=options.int_tensors, missing=options.missing,
-                         dropped=dropped_tensors(metas, sources))
+                         dropped=dropped_tensors(metas, sources), method=options.method.name)
     metadata = dict(inputs[0].metadata)
     metadata.setdefault("format", "pt")  # what save_pretrained writes; transformers 4 refuses files without it
-    metadata["modelstock"] = json.dumps({
-        "method": "model_stock", "n": n, "granularity": options.granularity, "clamp": options.clamp,
-        "eps": options.eps, "exclude": list(options.exclude), "base": os.path.basename(sources[0]),
-        "finetuned": [os.path.basename(s) for s in sources[1:]]})
+    metadata["modelstock"] = merge_metadata(options, sources)
 
     report.bytes_read = sum(layer.nbytes_in for layer in layers)
     report.bytes_written = sum(nbytes(d, s) for _, d, s in entries)

@@ -134,7 +134,7 @@ def stream(inputs, layers: list[Layer], entries, write, report: MergeReport, bar
     reader.start()
     merge_options = dict(granularity=options.granularity, eps=options.eps,
                          clamp=options.clamp, backend=options.backend, compute_dtype=options.torch_compute_dtype,
-                         int_tensors=options.int_tensors, missing=options.missing)
+                         int_tensors=options.int_tensors, missing=options.missing, method=options.method)
     try:
         for k, chunk in enumerate(chunks):
             s = k % 2

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..plan import canonical_name, dropped_tensors, plan_layers, warn_unmatched
 from ..ratio import EPS
 from ..report import MergeReport
+from . import adapters
 from .agreement import Agreement
 from .options import MergeOptions
 from .storage import mirror_copies, tied_layers, tied_names
@@ -45,6 +46,7 @@ def merge(
     int_tensors: str = "max",
     missing: str = "refuse",
     report: MergeReport | None = None,
+    method="model_stock",
 ) -> dict[str, Tensor]:
     """Model Stock: merge N >= 2 fine-tuned models with their pre-trained base, layer by layer.
 
@@ -61,18 +63,25 @@ def merge(
     the base's ("base"), or are an error ("refuse"). ``missing``: a tensor some fine-tuned
     model lacks is an error ("refuse") or the base's ("base"; one only fine-tuned models have
     is then left out, as mergekit does).
-    ``report``: a MergeReport to fill with each layer's figures.
+    ``report``: a MergeReport to fill with each layer's figures. ``method``: "model_stock"
+    (default), "uniform" (the fine-tuned models' average), "wise_ft" (one fine-tuned model,
+    alpha 0.5) or a ``modelstock.methods.MergeMethod`` (``WiseFT(alpha=0.3)``); ``clamp`` and
+    ``eps`` are Model Stock's. A fine-tuned model may be a PEFT LoRA model (``PeftModel``):
+    the method then runs on its factors (``modelstock/merging/adapters.py``), on the CPU.
     """
     if isinstance(finetuned, (Mapping, nn.Module)):
         raise TypeError("finetuned must be a sequence of state dicts or modules")
     options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend, out_dtype, dtype_name(compute_dtype),
-                           int_tensors, missing)
+                           int_tensors, missing, method)
+    if any(adapters.is_peft_model(m) for m in finetuned):  # LoRA models: merged from their factors
+        return adapters.merge_in_memory(base, finetuned, options, report)
     out_type = None if options.out_dtype is None else getattr(torch, options.out_dtype)
     base_sd = state_dict_of(base, "base")
     out = {k: torch.empty(v.shape, dtype=out_type if out_type is not None and v.is_floating_point() else v.dtype,
                           device=v.device) for k, v in base_sd.items()}
     InPlaceMerge([out], base_sd, finetuned, granularity=granularity, clamp=clamp, exclude=exclude, eps=eps,
-                 backend=backend, compute_dtype=compute_dtype, int_tensors=int_tensors, missing=missing)(report)
+                 backend=backend, compute_dtype=compute_dtype, int_tensors=int_tensors, missing=missing,
+                 method=options.method)(report)
     return out
 
 
@@ -94,11 +103,15 @@ class InPlaceMerge:
     def __init__(self, targets, base, finetuned, *, granularity: str = "tensor", clamp: bool = True,
                  exclude: Sequence[str] = (), eps: float = EPS, backend: str = "auto",
                  compute_dtype: torch.dtype = torch.float32, int_tensors: str = "max", missing: str = "refuse",
-                 sources: Sequence[str] | None = None):
+                 sources: Sequence[str] | None = None, method="model_stock"):
         if isinstance(targets, (Mapping, nn.Module)) or isinstance(finetuned, (Mapping, nn.Module)):
             raise TypeError("targets and finetuned must be sequences of state dicts or modules")
+        if any(adapters.is_peft_model(m) for m in [base, *finetuned, *targets]):
+            raise InputError("a PEFT LoRA model: merging in place works on full weights; modelstock.merge (or "
+                             "merge_files with adapter=True) merges LoRA models from their factors")
         options = MergeOptions(granularity, clamp, tuple(exclude), eps, backend,
-                               compute_dtype=dtype_name(compute_dtype), int_tensors=int_tensors, missing=missing)
+                               compute_dtype=dtype_name(compute_dtype), int_tensors=int_tensors, missing=missing,
+                               method=method)
         self.options = options
         self.compute_dtype = options.torch_compute_dtype
         # how errors name the inputs (file merges pass the paths)
@@ -113,7 +126,7 @@ class InPlaceMerge:
     def _plan(self, sds, targets, backend, compute_dtype) -> None:
         metas = [{k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()} for sd in sds]
         self.layers = plan_layers(metas, self.sources, granularity=self.granularity, exclude=self.options.exclude,
-                                  missing=self.options.missing)
+                                  missing=self.options.missing, method=self.options.method)
         warn_unmatched(self.layers, self.options.exclude)
         self.dropped = dropped_tensors(metas, self.sources)
         dest = [{canonical_name(k): v for k, v in sd.items()} for _, sd in targets]
@@ -137,8 +150,8 @@ class InPlaceMerge:
         # Order of the calls: copies, reference, sharded, kernels (the kernels' launches last,
         # so their one host synchronisation follows every other layer's work).
         order = {CopyLayers: 0, TorchLayers: 1, sharded_backend.ShardedLayers: 2}
-        self._executors = [cls(entries, self.sources, eps=self.eps, clamp=self.clamp,
-                               compute_dtype=self.compute_dtype, int_tensors=self.options.int_tensors)
+        self._executors = [cls(entries, self.sources, method=self.options.method, compute_dtype=self.compute_dtype,
+                               int_tensors=self.options.int_tensors)
                            for cls, entries in sorted(by_executor.items(), key=lambda kv: order.get(kv[0], 3))]
         self._mirrors = mirror_copies(self.layers, self._tied, dest)
 
@@ -180,6 +193,7 @@ class InPlaceMerge:
             report.inputs = self.sources
             report.int_tensors, report.missing, report.dropped = self.options.int_tensors, self.options.missing, \
                 list(self.dropped)
+            report.method = self.options.method.name
             # a tensor under several names: its figures under each name, as the out-of-place merge gives
             report.layers.extend(replace(stats[self._tied[layer.name].name], name=layer.name)
                                  if layer.name in self._tied else stats[layer.name] for layer in self.layers)

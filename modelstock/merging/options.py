@@ -7,6 +7,7 @@ from msdp_kernels.dispatch import check_backend
 
 from ..dtypes import dtype_name, float_dtype
 from ..layer import INT_POLICIES
+from ..methods import resolve
 from ..plan import MISSING
 from ..ratio import EPS, layer_rows
 
@@ -22,6 +23,7 @@ class MergeOptions:
     compute_dtype: str = "float32"   # or "float64"
     int_tensors: str = "max"         # non-float tensors that differ: "max" | "base" | "refuse" (layer.py)
     missing: str = "refuse"          # tensors some models lack: "refuse" | "base" (plan.py)
+    method: object = "model_stock"   # a name or a MergeMethod (modelstock/methods); Model Stock takes eps, clamp
 
     def __post_init__(self):
         layer_rows((1,), self.granularity)  # raises for an unknown granularity
@@ -37,6 +39,7 @@ class MergeOptions:
             raise ValueError(f"int_tensors must be one of {INT_POLICIES}, got {self.int_tensors!r}")
         if self.missing not in MISSING:
             raise ValueError(f"missing must be one of {MISSING}, got {self.missing!r}")
+        object.__setattr__(self, "method", resolve(self.method, eps=self.eps, clamp=self.clamp))
 
     @property
     def torch_compute_dtype(self):

@@ -36,12 +36,13 @@ class PeriodicMerge:
     models' device (``keep_base="device"``) or on the host (``"host"``, copied over for each
     merge to spare GPU memory). Models wrapped in DistributedDataParallel work as they are:
     the merge is local and deterministic, so ranks stay identical. Other options are
-    :func:`modelstock.merge`'s; on CUDA the Triton kernels merge in place (no host round trip).
+    :func:`modelstock.merge`'s (``method`` included: "uniform" averages the models each time);
+    on CUDA the Triton kernels merge in place (no host round trip).
     """
 
     def __init__(self, base, models: Sequence[nn.Module], *, every: int | None = None, keep_base: str = "device",
                  granularity: str = "tensor", clamp: bool = True, exclude: Sequence[str] = (), eps: float = EPS,
-                 backend: str = "auto", int_tensors: str = "max", missing: str = "refuse"):
+                 backend: str = "auto", int_tensors: str = "max", missing: str = "refuse", method="model_stock"):
         if len(models) < 2:
             raise ValueError(f"PeriodicMerge needs at least two models, got {len(models)}")
         if every is not None and every < 1:
@@ -52,7 +53,7 @@ class PeriodicMerge:
         self._wrapped = list(models)  # what the merge is given: DDP's process group for the agreement
         self.every, self.keep_base, self.steps, self.merges = every, keep_base, 0, 0
         self.options = dict(granularity=granularity, clamp=clamp, exclude=exclude, eps=eps, backend=backend,
-                            int_tensors=int_tensors, missing=missing)
+                            int_tensors=int_tensors, missing=missing, method=method)
         live_sd = self.models[0].state_dict()
         with Agreement.of(self._wrapped, [live_sd]).scope():  # a check that fails on one rank fails on all
             self.base = self._keep(base, live_sd)
