@@ -70,7 +70,7 @@ class Agreement:
         reports = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(reports, None if error is None else _describe(error), group=self.group)
         rank, report = next((r, x) for r, x in enumerate(reports) if x is not None)
-        common = _rebuild(rank, report)
+        common = _rebuild(rank if self.group is None else dist.get_global_rank(self.group, rank), report)
         common._agreed = True
         raise common from error
 
