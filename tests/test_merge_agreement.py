@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import modelstock
 from modelstock import InputError, PeriodicMerge
 
 BAD = 1  # the rank whose models go wrong
@@ -94,6 +95,10 @@ def _rank(rank, world, init_file, out_dir, wrap, cases):
             # a base of another shape on one rank only: every rank refuses
             base = resized(base_sd, "4.weight", 8) if rank == BAD else base_sd
             seen["one-base"] = outcome(lambda: PeriodicMerge(base, wrapped(finetunes()), backend="torch"))
+            # an out-of-place merge of the models' weights on one rank (to save them) waits for no other
+            models = wrapped(finetunes())  # on every rank: wrapping is collective
+            if rank == 0:
+                seen["alone"] = outcome(lambda: modelstock.merge(base_sd, models, backend="torch"))
         torch.save(seen, os.path.join(out_dir, f"{wrap}{rank}.pt"))
         dist.barrier()
     finally:
@@ -123,6 +128,8 @@ def test_one_ranks_error_is_every_ranks_error(tmp_path, world, wrap):
     assert re.search(r"tensor '(module\.)?4\.weight': shape \[7, 144\] differs from the base's \[8, 144\]",
                      seen[0]["one-base"][1])
     assert all(s["after"] is None and s["paired"] == world * (world - 1) / 2 for s in seen)
+    if wrap == "ddp":
+        assert seen[0]["alone"] is None
 
 
 def test_fsdp2_checks_the_base_whole_shape(tmp_path):

@@ -30,17 +30,18 @@ class Agreement:
         self.group, self.device, self.active = group, device, active
 
     @classmethod
-    def of(cls, items, dicts) -> "Agreement":
-        """From a merge's inputs and targets (``items``: modules or state dicts; ``dicts``: their
-        state dicts): the first sharded tensor's mesh, else the first DistributedDataParallel
-        wrapper's process group."""
+    def of(cls, targets, dicts) -> "Agreement":
+        """For a merge into ``targets`` (modules or state dicts; ``dicts``: their state dicts):
+        the mesh of the first sharded tensor, else the process group of the first
+        DistributedDataParallel wrapper. Inputs alone do not count: an out-of-place merge of a
+        DDP model's weights may run on one rank, and has no collective."""
         if not (dist.is_available() and dist.is_initialized()):
             return cls()
         t = next((v for d in dicts for v in d.values() if sharded.is_dtensor(v)), None)
         if t is not None:
             group, device = sharded.mesh_group(t.device_mesh), t.to_local().device
         else:
-            ddp = next((m for m in items if isinstance(m, nn.parallel.DistributedDataParallel)), None)
+            ddp = next((m for m in targets if isinstance(m, nn.parallel.DistributedDataParallel)), None)
             if ddp is None:
                 return cls()  # plain models on several ranks: independent merges, no collective
             group, device = ddp.process_group, next(ddp.parameters()).device
@@ -69,7 +70,7 @@ class Agreement:
         reports = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(reports, None if error is None else _describe(error), group=self.group)
         rank, report = next((r, x) for r, x in enumerate(reports) if x is not None)
-        common = _rebuild(rank, report)
+        common = _rebuild(rank if self.group is None else dist.get_global_rank(self.group, rank), report)
         common._agreed = True
         raise common from error
 

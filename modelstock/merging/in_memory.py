@@ -119,7 +119,7 @@ class InPlaceMerge:
         self.granularity, self.clamp, self.eps = granularity, clamp, eps
         sds = [state_dict_of(m, s) for m, s in zip([base, *finetuned], self.sources)]
         target_sds = [state_dict_of(m, f"targets[{i}]") for i, m in enumerate(targets)]
-        self._agreement = Agreement.of([base, *finetuned, *targets], [*sds, *target_sds])
+        self._agreement = Agreement.of(targets, target_sds)
         with self._agreement.scope():  # a check that fails on one rank fails on all
             self._plan(sds, list(zip(targets, target_sds)), backend, options.compute_dtype)
 

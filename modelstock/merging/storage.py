@@ -5,6 +5,7 @@ result of the first write as the second one's input."""
 from __future__ import annotations
 
 from itertools import chain
+
 import torch
 from torch import nn
 
