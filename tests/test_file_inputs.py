@@ -93,6 +93,8 @@ def test_a_merge_in_which_nothing_is_merged_is_an_error_saying_what_the_inputs_a
     save_file({"layers.0.q_proj.weight": rng.standard_normal((16, 16), dtype=np.float32)}, tmp_path / "base.safetensors")
     _adapter(tmp_path / "ft1", rng)
     _adapter(tmp_path / "ft2", rng)
+    for ft in ("ft1", "ft2"):  # an adapter's tensors without their config: not recognisable as an adapter
+        (tmp_path / ft / "adapter_config.json").unlink()
     out = tmp_path / "o.safetensors"
     rc = main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ft1"), str(tmp_path / "ft2"),
                "-o", str(out), "--missing", "base", "--quiet"])

@@ -195,7 +195,10 @@ def _sharded_rank(rank, world, init_file):
     try:
         mesh = init_device_mesh("cpu", (world,))
         real, calls = dist.all_reduce, []
-        for method, granularity, collectives in (("uniform", "tensor", 0), (Cosine(), "row", 1)):
+        # merge_ = InPlaceMerge built and run once: the ranks agree twice (after the checks at
+        # construction, before the merge: merging/agreement.py), then the Gram's all-reduce for
+        # a method that needs it
+        for method, granularity, collectives in (("uniform", "tensor", 2), (Cosine(), "row", 3)):
             torch.manual_seed(0)
             base = net()
             base_sd = {k: v.clone() for k, v in base.state_dict().items()}
@@ -209,7 +212,7 @@ def _sharded_rank(rank, world, init_file):
                 modelstock.merge_(models, base_sd, models, method=method, granularity=granularity)
             finally:
                 dist.all_reduce = real
-            assert len(calls) == collectives  # a method without statistics needs no all-reduce
+            assert len(calls) == collectives  # a method without statistics needs no Gram all-reduce
             check_equal_to_single_process(models, base_sd, snapshot, method=method, granularity=granularity)
         dist.barrier()
     finally:
