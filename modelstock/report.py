@@ -36,11 +36,14 @@ class LayerStats:
     def from_ratio(cls, name: str, shape, r: Ratio) -> "LayerStats":
         norms = (r.norms ** 2).sum(0) ** 0.5  # numpy or torch alike
         cos = float(r.cos.mean())
+        # the angle between the updates is geometry: from the mean cos before the clamp (which
+        # only decides t), so a layer whose updates point apart shows an angle above 90 degrees
+        between = float(r.cos_pairs.mean())
         n_clamped = int(r.clamped.sum())
         return cls(
             name=name, shape=list(shape), numel=math.prod(shape), kind="merge", rows=len(r.t),
             norms=[float(x) for x in norms], cos_pairs=[float(x) for x in r.cos_pairs.mean(0)],
-            cos=cos, angle_deg=math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
+            cos=cos, angle_deg=math.degrees(math.acos(max(-1.0, min(1.0, between)))),
             t=float(r.t.mean()), t_min=float(r.t.min()), t_max=float(r.t.max()),
             clamped=n_clamped > 0, rows_clamped=n_clamped,
         )

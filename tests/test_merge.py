@@ -225,6 +225,22 @@ def test_report_figures_match_definitions():
     assert layer.t == pytest.approx(3 * layer.cos / (1 + 2 * layer.cos), rel=1e-9)
 
 
+def test_the_angle_is_the_updates_even_where_the_clamp_acts():
+    """The clamp decides t; the reported angle is between the updates as they are (above 90
+    degrees when they point apart), not the clamped cos's 90."""
+    torch.manual_seed(0)
+    base = {"w": torch.randn(64)}
+    d = 0.01 * torch.randn(64)
+    fts = [{"w": base["w"] + d}, {"w": base["w"] - d + 0.005 * torch.randn(64)}]
+    report = MergeReport()
+    modelstock.merge(base, fts, report=report)
+    (layer,) = report.layers
+    d1, d2 = (f["w"].double() - base["w"].double() for f in fts)
+    angle = math.degrees(math.acos(float(d1 @ d2 / (d1.norm() * d2.norm() + 1e-8))))
+    assert layer.clamped and layer.t == 0 and angle > 120
+    assert layer.angle_deg == pytest.approx(angle, rel=1e-6)
+
+
 @pytest.mark.parametrize("rows,k", [(1, 25_000), (1, 257), (3, 100_003), (41, 300), (2, 1)])
 def test_gram_accumulates_like_fp64(rows, k):
     # Large-magnitude, same-sign products are where a sequential fp32 sum drifts.
