@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import operator
 import sys
+import weakref
 
 import torch
 from torch import Tensor, nn
 
 from msdp_kernels.dispatch import check_backend, choose_backend
 
-from . import reference, triton_pool
+from . import reference, small_maps, torch_pool, triton_pool
 
 
 
@@ -61,11 +62,12 @@ def _read_size_and_pool(x: Tensor, alpha: Tensor, delta: Tensor, backend: str) -
     return _pool(x, alpha, delta, backend, reference.check_inputs(x, alpha, delta))
 
 
-# The reference is the spec made executable (index_put_ with data-dependent taps, autograd
-# through its own Function), not a path worth tracing.
+# The PyTorch path (backend "torch", and "auto" off CUDA): torch_pool, held to reference.py by
+# the tests. Not traced: it checks its output for NaN on the host (inputs with inf or NaN are
+# computed again on the reference).
 @torch.compiler.disable
 def _reference(x: Tensor, alpha: Tensor, delta: Tensor, size: tuple[int, int]) -> Tensor:
-    return reference.dynopool2d(x, alpha, delta, size)
+    return torch_pool.dynopool2d(x, alpha, delta, size)
 
 
 def _as_values(v, x: Tensor, name: str) -> Tensor:
@@ -159,6 +161,7 @@ class DynOPool2d(nn.Module):
         # planned by plan_sizes; None: read alpha here
         self._plan = None
         self._last_input = None  # (H, W) of the last input, for the next plan
+        self.register_load_state_dict_pre_hook(_refuse_conflicting_aliases)
 
     @property
     def backend(self) -> str:
@@ -236,6 +239,56 @@ class DynOPool2d(nn.Module):
 
     def __prepare_scriptable__(self):  # torch.jit.script calls this first
         raise RuntimeError(STATIC_GRAPH_ERROR)
+
+
+# Per layer, the first of its names a load in progress met: (that load's error list, the
+# name's prefix, the values under it). torch.nn.Module.load_state_dict makes one error list
+# per call and hands it to every module, so it tells one load from the next. Weak keys: a
+# layer never lives longer for being loaded.
+_LOADING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _refuse_conflicting_aliases(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                                unexpected_keys, error_msgs) -> None:
+    """A layer shared between sites (``replace_pooling`` shares one per feature level) has one
+    name per site, and load_state_dict loads it once per name, keeping the last silently. Two
+    names holding different values is a corrupt or hand-edited state dict: refuse it, naming
+    both keys, before the second is copied in."""
+    values = {n: state_dict[prefix + n] for n in ("alpha", "delta") if prefix + n in state_dict}
+    seen = _LOADING.get(module)
+    if seen is None or seen[0] is not error_msgs:
+        # the layer's own values before this load: a state dict taken from this very model
+        # holds them by reference, and the first name's copy overwrites them in place
+        before = {n: getattr(module, n).detach().clone() for n in ("alpha", "delta")}
+        _LOADING[module] = (error_msgs, prefix, {n: v.detach().clone() for n, v in values.items()}, before)
+        return
+    first_prefix, first, before = seen[1], seen[2], seen[3]
+    for name, value in values.items():
+        if _aliases(value, getattr(module, name)):
+            value = before[name]
+        other = first.setdefault(name, value)
+        if not _same_values(other, value):
+            raise ValueError(f"load_state_dict: '{first_prefix}{name}' and '{prefix}{name}' are one DynOPool2d "
+                             f"parameter (a layer shared between sites) but hold different values "
+                             f"({_shown(other)} and {_shown(value)}); make them equal")
+
+
+def _aliases(a, b) -> bool:
+    try:
+        return a.data_ptr() == b.data_ptr() and a.data_ptr() != 0
+    except RuntimeError:  # a tensor without storage (a DTensor): no alias of a local tensor
+        return False
+
+
+def _same_values(a, b) -> bool:
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - DTensor (FSDP2)
+    a, b = full(a), full(b)
+    return a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
+
+
+def _shown(t) -> list:
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return [round(v, 6) for v in t.detach().float().cpu().reshape(-1).tolist()]
 
 
 def _rule(b: float, axis: str) -> str:
@@ -377,6 +430,7 @@ def read_sizes_once(model: nn.Module) -> None:
         return
     model._dynopool_plan_hooks = (model.register_forward_pre_hook(_plan_hook),
                                   model.register_forward_hook(_drop_plans_hook, always_call=True))
+    small_maps.install(model)  # a map too small for a later layer: an error naming the DynOPool2d
 
 
 def remove_read_sizes_once(model: nn.Module) -> None:
@@ -387,6 +441,7 @@ def remove_read_sizes_once(model: nn.Module) -> None:
                 del hooks[key]
                 m._forward_hooks_always_called.pop(key, None)
         m.__dict__.pop("_dynopool_plan_hooks", None)
+    small_maps.remove(model)
 
 
 def output_sizes(layers, input_sizes) -> list[tuple[int, int]]:

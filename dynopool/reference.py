@@ -1,5 +1,6 @@
 """DynOPool (Jang, Chu, Kim, Han, CVPR 2022) in plain PyTorch: the executable form of
-``shared/spec/dynopool.md``, differentiable in x, alpha and delta, and the CPU path.
+``shared/spec/dynopool.md``, differentiable in x, alpha and delta. Every other path (the
+fast PyTorch path ``torch_pool.py``, the Triton kernels, the frozen module) is held to it.
 
 Per axis (H shown; W alike), with alpha the inverse scale and delta the query spread:
     H_out = max(1, round(H / alpha))                 (round half to even)
@@ -10,12 +11,10 @@ Per axis (H shown; W alike), with alpha the inverse scale and delta the query sp
     out[n, c, i, j] = max over (k, l) of bilinear(x[n, c], y_ik, x_jl), ties to the first of
                       (0,0), (0,1), (1,0), (1,1)
 
-Bilinear sampling on this tensor-product grid is separable: the 2 x 2 query values of every
-cell are rows of A_y X A_x^T, where A_y (2 H_out x H) and A_x (2 W_out x W) hold two
-interpolation weights per row. Two batched matrix products replace 16 gathers per output,
-and autograd through them yields every gradient the spec defines (to x by the transposed
-products; to the coordinates through the weights, one-sided at integers; zero where the
-clamp acts).
+``sample_at`` is the spec literally: 4 gathered taps per query, a tap of zero weight
+contributing nothing (so -inf and NaN reach exactly the outputs max_pool2d's would at
+alpha = 2, delta = 1/4), the max with the spec's tie order, and the spec's gradients written
+out. It is slow (4 gathers of the query grid) and meant to be read and tested against.
 """
 from __future__ import annotations
 
@@ -96,12 +95,26 @@ def _taps(y: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def interpolation_matrix(y: Tensor, size: int) -> Tensor:
     """A (len(y) x size) holding the two bilinear weights of each coordinate: A @ v samples v
-    at y (the two weights add up where both taps are the last sample)."""
+    at y where v is finite (the two weights add up where both taps are the last sample)."""
     y0, y1, w1 = _taps(y, size)
     rows = torch.arange(y.numel(), device=y.device)
     a = torch.zeros(y.numel(), size, dtype=y.dtype, device=y.device)
     a.index_put_((rows, y0), 1 - w1, accumulate=True)
     return a.index_put_((rows, y1), w1, accumulate=True)
+
+
+def mix(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """(1 - w) a + w b: two taps, b's weight w in [0, 1). A tap of zero weight contributes
+    nothing (the spec): where w = 0 the value is a, whatever b holds (-inf, inf, NaN), so no
+    0 x inf makes a NaN; a's weight 1 - w is never zero. Elsewhere the weighted sum's IEEE
+    arithmetic: -inf beside a finite value gives -inf, -inf beside inf gives NaN."""
+    return torch.where(w == 0, a, (1 - w) * a + w * b)
+
+
+def finite_or_zero(t: Tensor) -> Tensor:
+    """A slope that is not finite (a difference involving an infinite or NaN tap) counts as
+    zero: a -inf region is a wall, not a slope, and alpha must not get inf or NaN from it."""
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, size: tuple[int, int] | None = None) -> Tensor:
@@ -118,9 +131,12 @@ def dynopool2d(x: Tensor, alpha: Tensor, delta: Tensor, size: tuple[int, int] | 
     # result returned in x's dtype, as the kernels do.
     with torch.autocast(x.device.type, enabled=False):
         alpha, delta = alpha.to(compute), delta.to(compute)
-        size_hat = torch.stack([straight_through_size(x.shape[2], alpha[0], h_out),
-                                straight_through_size(x.shape[3], alpha[1], w_out)])
-        return sample_max(x, h_out, w_out, size_hat, delta)
+        return sample_max(x, h_out, w_out, size_hats(x.shape[2], x.shape[3], alpha, (h_out, w_out)), delta)
+
+
+def size_hats(h: int, w: int, alpha: Tensor, size: tuple[int, int]) -> Tensor:
+    """(H_hat, W_hat): the straight-through cell counts of both axes."""
+    return torch.stack([straight_through_size(h, alpha[0], size[0]), straight_through_size(w, alpha[1], size[1])])
 
 
 def interleaved_queries(h: int, w: int, h_out: int, w_out: int, size_hat: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,8 +153,7 @@ def fixed_taps(h: int, w: int, alpha: Tensor, delta: Tensor, size: tuple[int, in
     coordinates ``dynopool2d`` computes per call (fp32), as constants."""
     with torch.no_grad():
         alpha, delta = alpha.detach().to(torch.float32), delta.detach().to(torch.float32)
-        size_hat = torch.stack([straight_through_size(h, alpha[0], size[0]), straight_through_size(w, alpha[1], size[1])])
-        yq, xq = interleaved_queries(h, w, size[0], size[1], size_hat, delta)
+        yq, xq = interleaved_queries(h, w, size[0], size[1], size_hats(h, w, alpha, size), delta)
         return _taps(yq, h) + _taps(xq, w)
 
 
@@ -148,75 +163,54 @@ def sample_max_fixed(x: Tensor, y0: Tensor, y1: Tensor, wy: Tensor, u0: Tensor, 
     its 2 x 2 queries with ``sample_max``'s tie order. Only gathers, arithmetic and a max
     pooling: a static graph that torch.export, ONNX and TorchScript take as it is. Computed
     in fp32 (fp64 for fp64 inputs), returned in x's dtype; equal to ``dynopool2d`` within
-    fp32 rounding (the CPU path mixes the columns by a matrix product instead)."""
+    fp32 rounding, and as it at infinities and NaN (``mix``)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(compute)
-    c0 = xc.index_select(3, u0)
-    cols = c0 + (xc.index_select(3, u1) - c0) * wu.to(compute)
-    r0 = cols.index_select(2, y0)
-    q = r0 + (cols.index_select(2, y1) - r0) * wy.to(compute)[:, None]
+    cols = mix(xc.index_select(3, u0), xc.index_select(3, u1), wu.to(compute))
+    q = mix(cols.index_select(2, y0), cols.index_select(2, y1), wy.to(compute)[:, None])
     return torch.nn.functional.max_pool2d(q, 2).to(x.dtype)
 
 
 def sample_max(x: Tensor, h_out: int, w_out: int, size_hat: Tensor, delta: Tensor) -> Tensor:
     """The operator for given output sizes and (continuous) cell-count ``size_hat`` (2,):
     ``dynopool2d`` is this at the straight-through sizes; tests differentiate it in size_hat."""
-    n, c, h, w = x.shape
-    compute = size_hat.dtype
+    h, w = x.shape[-2:]
     yq, xq = interleaved_queries(h, w, h_out, w_out, size_hat, delta)
-    out = _SeparableMax.apply(x.to(compute).reshape(n * c, h, w), yq, xq)
-    out = out.view(n, c, h_out, w_out)
-    out = out.to(x.dtype)
+    out = sample_at(x.to(size_hat.dtype), yq, xq).to(x.dtype)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
     return out
 
 
-class _SeparableMax(torch.autograd.Function):
-    """out = max over each cell's 2 x 2 queries of q = A_y x A_x^T (rows of q interleaved
-    2i + k, columns 2j + l), for x (nc, h, w) and query coordinates yq (2 h_out), xq (2 w_out).
+def sample_at(x: Tensor, yq: Tensor, xq: Tensor) -> Tensor:
+    """The spec at given query coordinates, literally: x (N, C, H, W), query rows yq (2 H_out,
+    row 2i + k of cell i) and columns xq (2 W_out), each in [0, size - 1]. Every query is the
+    bilinear mix of its 4 taps (``mix``: a zero-weight tap contributes nothing), every cell the
+    max of its 4 queries, ties to the first of (0,0), (0,1), (1,0), (1,1) and a NaN winning as
+    in max_pool2d. The gradients are the spec's, written out: to x, the winner's bilinear
+    weights (autograd through the gathers, weights constant); to the coordinates, the one-sided
+    slope of the winner's bilinear (toward y + 1 at integers), a slope that is not finite
+    counting as zero. In x's dtype: the reference for every other path, not a fast one."""
+    n, c, h, w = x.shape
+    y0, y1, wy = _taps(yq.detach(), h)
+    u0, u1, wu = _taps(xq.detach(), w)
+    wy, wu = wy[:, None], wu[None, :]
 
-    Along W one large matrix product with A_x; along H a gather of whole rows (two taps per
-    query row) mixed by their weights; the max is max_pool2d over q's 2 x 2 windows, whose
-    raster scan keeps the first of equal values: (0,0), (0,1), (1,0), (1,1), the spec's tie
-    order. The backward routes each output's gradient to its winning query; the coordinates'
-    gradients are the differences of the two taps (one-sided at integers, zero when both taps
-    are the last sample). A NaN in x reaches every query of its row here (0 * NaN in the
-    product); the spec's bilinear, and the Triton kernels, read 4 taps only."""
+    def tap(rows, cols):
+        return x[:, :, rows[:, None], cols[None, :]]  # (N, C, 2 H_out, 2 W_out)
 
-    @staticmethod
-    def forward(ctx, x3: Tensor, yq: Tensor, xq: Tensor) -> Tensor:
-        nc, h, w = x3.shape
-        two_h, two_w = yq.numel(), xq.numel()
-        a_x = interpolation_matrix(xq, w)
-        cols = (x3.reshape(-1, w) @ a_x.T).view(nc, h, two_w)
-        y0, y1, wy = _taps(yq, h)
-        # In place where possible: fresh memory costs page faults comparable to the arithmetic.
-        q = cols.index_select(1, y0)
-        diff = cols.index_select(1, y1).sub_(q)
-        q = q.addcmul_(diff, wy[:, None]).view(nc, 1, two_h, two_w)
-        out, win = torch.ops.aten.max_pool2d_with_indices(q, [2, 2], [2, 2])
-        ctx.save_for_backward(x3, yq, xq, a_x, diff, q, win)
-        return out.view(nc, two_h // 2, two_w // 2)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x3, yq, xq, a_x, diff, q, win = ctx.saved_tensors
-        nc, h, w = x3.shape
-        two_h, two_w = yq.numel(), xq.numel()
-        gq = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad.reshape(nc, 1, two_h // 2, two_w // 2), q, [2, 2], [2, 2], [0, 0], [1, 1], False, win)
-        gq = gq.view(nc, two_h, two_w)
-        y0, y1, wy = _taps(yq, h)
-        g_yq = (gq * diff).sum(dim=(0, 2))
-        g_end = gq * wy[:, None]
-        g_cols = torch.zeros(nc, h, two_w, dtype=gq.dtype, device=gq.device)
-        g_cols.index_add_(1, y1, g_end)
-        g_cols.index_add_(1, y0, gq.sub_(g_end))
-        g_cols = g_cols.view(-1, two_w)
-        g_x = (g_cols @ a_x).view(nc, h, w)
-        g_ax = g_cols.T @ x3.reshape(-1, w)  # (2 w_out, w)
-        u0, u1, _ = _taps(xq, w)
-        j = torch.arange(two_w, device=xq.device)
-        g_xq = g_ax[j, u1] - g_ax[j, u0]
-        return g_x, g_yq, g_xq
+    x00, x01, x10, x11 = tap(y0, u0), tap(y0, u1), tap(y1, u0), tap(y1, u1)
+    value = mix(mix(x00, x01, wu), mix(x10, x11, wu), wy)
+    with torch.no_grad():
+        slope_y = finite_or_zero(mix(x10 - x00, x11 - x01, wu))  # d value / d y
+        slope_u = finite_or_zero(mix(x01 - x00, x11 - x10, wy))  # d value / d u
+    # zero in value (finite slopes), the slopes in gradient
+    q = value + (yq - yq.detach())[:, None] * slope_y + (xq - xq.detach())[None, :] * slope_u
+    h_out, w_out = yq.numel() // 2, xq.numel() // 2
+    q = q.view(n, c, h_out, 2, w_out, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h_out, w_out, 4)
+    with torch.no_grad():
+        best, arg = q[..., 0], torch.zeros(q.shape[:-1], dtype=torch.long, device=x.device)
+        for i in range(1, 4):
+            take = (q[..., i] > best) | q[..., i].isnan()  # strictly greater: ties stay first
+            best, arg = torch.where(take, q[..., i], best), torch.where(take, i, arg)
+    return q.gather(-1, arg[..., None])[..., 0]

@@ -25,7 +25,8 @@ Backward to alpha and delta (``coordinate_grads``): the forward's tiling, ROWS r
 sends its gradient to its winning query only, whose bilinear value has
     d q / d y = (1 - wu) (x[y1,u0] - x[y0,u0]) + wu (x[y1,u1] - x[y0,u1])
     d q / d u = (1 - wy) (x[y0,u1] - x[y0,u0]) + wy (x[y1,u1] - x[y1,u0])
-(y0 = floor(y): one-sided toward y + 1 at integers; zero when both taps are the last row).
+(y0 = floor(y): one-sided toward y + 1 at integers; zero when both taps are the last row; a
+term of zero weight left out, and a slope that is not finite counted as zero).
 Times the table's per-query factors, summed over the program's rows: 4 fp32 partial sums per
 program (alpha_h, alpha_w, delta_h, delta_w), added in fp64 by the launcher. No atomics.
 
@@ -152,9 +153,27 @@ def _bilinear(base, y0, y1, wy, u0, u1, wu, s_h, s_w, chan, mask):
     b = tl.load(r0 + c1, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(r1 + c0, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(r1 + c1, mask=mask, other=0.0).to(tl.float32)
-    top = a + wu * (b - a)
-    bottom = c + wu * (d - c)
-    return top + wy * (bottom - top)
+    return _mix(_mix(a, b, wu), _mix(c, d, wu), wy)
+
+
+@triton.jit
+def _mix(a, b, w):
+    """a + w (b - a): taps a (weight 1 - w, never zero) and b (weight w in [0, 1)). Where w = 0
+    the value is a, whatever b holds: a tap of zero weight contributes nothing (the spec), so
+    -inf or NaN there leaves the output alone, as in max_pool2d. Where a is not finite, the
+    weighted sum's value a + w b (a + w (b - a) would make -inf + inf = NaN of a -inf beside a
+    finite b). Finite taps: the same arithmetic as ever."""
+    m = tl.where(a - a == 0, a + w * (b - a), a + w * b)
+    return tl.where(w == 0, a, m)
+
+
+@triton.jit
+def _slope(d0, d1, w):
+    """(1 - w) d0 + w d1, the two tap columns' differences mixed (a zero-weight column
+    contributes nothing), and zero where that is not finite: a difference with an infinite or
+    NaN tap is a wall, not a slope (``reference.finite_or_zero``)."""
+    s = tl.where(w == 0, d0, (1.0 - w) * d0 + w * d1)
+    return tl.where(s - s == 0, s, 0.0)
 
 
 @triton.jit
@@ -272,8 +291,8 @@ def _coordinate_grads_kernel(x, grad, win, tab, partials, C, H, W, H_out, W_out,
         x01 = tl.load(ra + cb, mask=mask, other=0.0).to(tl.float32)
         x10 = tl.load(rb + ca, mask=mask, other=0.0).to(tl.float32)
         x11 = tl.load(rb + cb, mask=mask, other=0.0).to(tl.float32)
-        g_y = g * ((1.0 - wu) * (x10 - x00) + wu * (x11 - x01))
-        g_u = g * ((1.0 - wy) * (x01 - x00) + wy * (x11 - x10))
+        g_y = g * _slope(x10 - x00, x11 - x01, wu)
+        g_u = g * _slope(x01 - x00, x11 - x10, wy)
         acc_ya += g_y * fa_y
         acc_yd += g_y * fd_y
         acc_ua += g_u * tl.where(l1, fa_l1, fa_l0)

@@ -148,7 +148,10 @@ def test_channels_last_and_non_contiguous_inputs():
     a, d = torch.tensor([1.7, 2.3]), torch.tensor([0.3, 0.2])
     want = dynopool2d(x, a, d)
     cl = dynopool2d(x.contiguous(memory_format=torch.channels_last), a, d)
-    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, want)
+    # channels_last runs in its own layout (its matrix products mix H before W): each output
+    # is a 4-tap bilinear of fp32 values, a few roundings apart from the NCHW order's
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, want, rtol=0, atol=8 * torch.finfo(torch.float32).eps * float(x.abs().max()))
     strided = torch.randn(2, 4, 9, 10).transpose(2, 3)
     torch.testing.assert_close(dynopool2d(strided, a, d), dynopool2d(strided.contiguous(), a, d), rtol=0, atol=0)
 

@@ -44,7 +44,7 @@ def truth(x, alpha, delta, grad):
     xq = tab[6 * h_out: 6 * h_out + 2 * w_out].clone().requires_grad_()
     x64 = x.detach().double().cpu().contiguous().requires_grad_()
     grad = grad.detach().double().cpu()
-    out = reference._SeparableMax.apply(x64.reshape(n * c, h, w), yq, xq).view(n, c, h_out, w_out)
+    out = reference.sample_at(x64, yq, xq)
     g_x, g_y, g_u = torch.autograd.grad(out, (x64, yq, xq), grad)
     # d y / d (alpha, delta) in fp64 through the reference's straight-through size and queries
     jac = []
@@ -56,8 +56,7 @@ def truth(x, alpha, delta, grad):
     g_delta = torch.stack([g_y @ jac[0][1], g_u @ jac[1][1]])
     # scales for the bounds: sum over outputs of |grad| |d q / d y| |factor|, and g_x with |grad|
     (g_x_abs,) = torch.autograd.grad(
-        reference._SeparableMax.apply(x64.reshape(n * c, h, w), yq.detach(), xq.detach()).view(out.shape),
-        x64, grad.abs())
+        reference.sample_at(x64, yq.detach(), xq.detach()), x64, grad.abs())
     big = x64.detach().abs().max()
     factor = max(float(jac[0].abs().max()), float(jac[1].abs().max()))
     coord_scale = grad.abs().sum() * 2 * big * factor
