@@ -52,4 +52,13 @@ def _refuse_symbolic_locals(ctx) -> None:
 def mark_dynamic_sizes(t, dims) -> None:
     """torch._dynamo.maybe_mark_dynamic: these dims of ``t`` are traced as symbols from the first
     compile on (not after a recompile), and sizes 0/1 are specialized quietly."""
-    _private("torch._dynamo.maybe_mark_dynamic", lambda: torch._dynamo.maybe_mark_dynamic)(t, dims)
+    _MAYBE_MARK_DYNAMIC(t, dims)
+
+
+def _maybe_mark_dynamic():
+    from torch._dynamo import maybe_mark_dynamic
+
+    return maybe_mark_dynamic
+
+
+_MAYBE_MARK_DYNAMIC = _private("torch._dynamo.maybe_mark_dynamic", _maybe_mark_dynamic)
