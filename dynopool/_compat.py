@@ -1,7 +1,10 @@
 """The private torch names dynopool needs for torch.compile and export, in one guarded place.
 
-Each is looked up once, on first use, and a torch that lacks it gets one clear error naming the
-feature and the torch version (tested on 2.11 and 2.14).
+Each is looked up once, when dynopool is imported (Dynamo cannot trace an import, and these are
+called inside traced code; dynopool's import has loaded torch._dynamo already, so this adds
+~1 ms). A torch that lacks one still imports dynopool; the feature that needs it then fails in
+one line naming it and the torch version. Written against torch 2.14; both names are older
+than 2.11.
 """
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ import torch
 def _private(what: str, get):
     try:
         return get()
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"dynopool: this torch ({torch.__version__}) lacks {what}, which dynopool needs here; "
-                           "use torch >= 2.11") from e
+    except (ImportError, AttributeError):
+        def missing(*args, **kwargs):
+            raise RuntimeError(f"dynopool: this torch ({torch.__version__}) lacks {what}, which dynopool needs "
+                               "here; use torch >= 2.11")
+
+        return missing
 
 
 def _comptime():
@@ -22,8 +28,6 @@ def _comptime():
     return comptime
 
 
-# Resolved here, not in the traced code: Dynamo cannot trace an import (dynopool's import has
-# loaded torch._dynamo already; this adds ~1 ms)
 _COMPTIME = _private("torch._dynamo.comptime", _comptime)
 
 
