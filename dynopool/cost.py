@@ -13,12 +13,13 @@ residual block's shortcut (which bypasses the block's pooling) is not scaled by 
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .pool import DynOPool2d, output_sizes
+from .pool import DynOPool2d, _full_values, output_sizes
 from .probe import example_tensor, run
 from .reference import straight_through_size
 
@@ -72,6 +73,7 @@ class _Trace:
             elif isinstance(m, (nn.Conv2d, nn.Linear)):
                 handles.append(m.register_forward_hook(count))
         run(model, example_tensor(model, input_shape, requires_grad=True), handles, grad=True)
+        _reshard(model)
         self.sizes = self.current_sizes()
 
     def current_sizes(self) -> dict:
@@ -95,11 +97,11 @@ class _Trace:
         (the value is the same)."""
         held = self.held(min_size)
         factors = {}
-        for p, hw in self.pool_inputs.items():
+        for (p, hw), alpha in zip(self.pool_inputs.items(), _plain_alphas(self.pool_inputs)):
             factor = torch.ones((), dtype=torch.float64)
             for axis in (0, 1):
                 out = self.sizes[p][axis]
-                size_hat = out if (p, axis) in held else straight_through_size(hw[axis], p.alpha[axis].double(), out)
+                size_hat = out if (p, axis) in held else straight_through_size(hw[axis], alpha[axis].double(), out)
                 factor = factor * size_hat / out
             factors[p] = factor
         total = torch.zeros((), dtype=torch.float64)
@@ -109,6 +111,32 @@ class _Trace:
                 scale = scale * factors[p].to(scale.device)
             total = total + macs * scale
         return total
+
+
+def _reshard(model: nn.Module) -> None:
+    """Under FSDP2, leave the model sharded as the probing forward found it: that forward
+    leaves the root unsharded (its backward never comes), and a root layer's ``alpha`` would
+    then be the gathered copy, which FSDP2 frees at its next reshard (an optimizer made from
+    ``model.parameters()`` after the loss would step that copy). FSDP2 gathers again for the
+    task's backward where it needs to."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not loaded: nothing is sharded
+    if fsdp is None or not hasattr(fsdp, "FSDPModule"):
+        return
+    for m in model.modules():
+        if isinstance(m, fsdp.FSDPModule):
+            m.reshard()
+
+
+def _plain_alphas(pools) -> list[Tensor]:
+    """Each layer's alpha as a plain (2,) tensor whose gradient reaches the parameter. Under
+    FSDP2 a layer outside its forward holds a sharded DTensor: a cost made of DTensors is a
+    DTensor, which cannot meet the task loss (a plain tensor) in one backward. They are made
+    full in one collective for all (``_full_values``); each rank computes the same cost, and
+    its gradient returns to each rank's own shard (no reduction: every rank already has the
+    whole of it), which FSDP2's averaged gradient of the task then meets, as in one process.
+    (The root's layers are still unsharded after its forward: plain tensors, whose gradient
+    FSDP2 averages over ranks: the same value on each.)"""
+    return _full_values([p.alpha for p in pools])
 
 
 def count_macs(model: nn.Module, input_shape) -> Tensor:

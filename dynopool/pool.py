@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from msdp_kernels.dispatch import check_backend, choose_backend
 
-from . import reference, small_maps, torch_pool, triton_pool
+from . import _compat, probe, reference, small_maps, torch_pool, triton_pool
 
 
 
@@ -175,11 +175,18 @@ class DynOPool2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         refuse_static_graph()
         hw = (x.shape[-2], x.shape[-1])
-        if self._last_input != hw:
-            self._last_input = hw
         plan = self._plan
-        if plan is None or plan[0] != hw:
-            plan = self._read_plan(hw)
+        if torch.compiler.is_compiling():
+            # sizes compared and used as the plan's symbols (_traced_plan): one graph for all
+            if plan is None or not _fits(plan, hw):
+                plan = self._input_plan(hw)
+            else:
+                plan = _traced_plan(plan)
+        else:
+            if self._last_input != hw:
+                self._last_input = hw
+            if plan is None or plan[0] != hw:
+                plan = self._read_plan(hw)
         if plan[2]:
             with torch.no_grad():
                 self.alpha.clamp_(*self.alpha_range)
@@ -187,13 +194,18 @@ class DynOPool2d(nn.Module):
             # a layer called twice per forward (a shared pool) projects once: a second
             # in-place write would invalidate what the first call saved for its backward
             # (without a model's plan, the second call reads the projected values itself)
-            if self._plan is plan:
-                self._plan = (plan[0], plan[1], False)
+            if self._plan is plan or (len(plan) > 3 and self._plan is not None and self._plan[-1] is plan[3]):
+                self._plan = (self._plan[0], self._plan[1], False) + self._plan[3:]
         return _pool(x, self.alpha, self.delta, self.backend, plan[1])
 
     @_disabled_for_graphs  # a host read: one graph break, only where no plan was made
     def _read_plan(self, hw) -> tuple:
         return self._make_plan(hw, _read_values([self])[0])
+
+    @_disabled_for_graphs  # the compiled forward's first call, or an input of a new size
+    def _input_plan(self, hw) -> tuple:
+        self._last_input = (int(hw[0]), int(hw[1]))
+        return self._read_plan(self._last_input)
 
     def _make_plan(self, hw, values) -> tuple:
         """The plan for an input of size hw from host values (alpha_h, alpha_w, delta_h, delta_w)
@@ -397,21 +409,78 @@ def plan_sizes(model: nn.Module) -> None:
     Under FSDP2 (DTensor parameters) every rank must call it, as the hook does: the read
     gathers the shards (one collective), and values out of range are projected where FSDP2
     stores them."""
+    _plan_sizes(model, compiling=False)
+
+
+@_disabled_for_graphs
+def _plan_sizes(model: nn.Module, compiling: bool, args=()) -> None:
     layers = [m for m in model.modules() if isinstance(m, DynOPool2d)]
     if not layers:
         return
     values = _read_values(layers)
     _project_stored(model, [m for m, v in zip(layers, values) if m._project(v) != (v[:2], v[2:])])
-    for m, v in zip(layers, values):
+    plans = [m._make_plan(m._last_input, v) if m._last_input is not None else None for m, v in zip(layers, values)]
+    if compiling:
+        plans = _compiled_plans(model, layers, values, plans, args)
+    for m, plan in zip(layers, plans):
         # a plan that says "project" still has each layer project what it registers when it
         # runs: under FSDP2 a copy gathered before _project_stored (the root's), or after it
-        m._plan = m._make_plan(m._last_input, v) if m._last_input is not None else None
+        m._plan = plan
+
+
+# ---- the planned sizes under torch.compile
+# A plan's sizes are Python ints: compiled code that read them would specialize on each (a
+# recompile per size, until Dynamo's limit). plan_sizes also gives each plan an empty tensor of
+# shape (0, H, W, h_out, w_out), its sizes marked dynamic: the compiled forward compares and
+# uses those dims, which Dynamo traces as symbols (guards relate them: the layer's input is
+# the planned one), so one graph serves every size. (Outside compile the ints are used.)
+
+def _compiled_plans(model: nn.Module, layers, values, plans, args) -> list:
+    """The plans a compiled forward takes: one for every layer, with its sizes as symbols, so
+    that the compiled code never breaks its graph to read a layer's own values (a break inside
+    a loop, as nn.Sequential's, makes Dynamo run the whole loop eagerly from then on). A
+    layer's input size follows from the sizes upstream: at the first forward, or when some
+    layer's output size has changed since the last one, the layers' input sizes are found by
+    running the model eagerly on one sample of the batch first (eval mode, no grad: one
+    sample's forward where the sizes change, none otherwise). Without FSDP2 the projection has
+    written the values in range where the layers read them: no plan needs the layer's own
+    projection (an in-place write inside the graph)."""
+    outputs = [None if p is None else p[1] for p in plans]
+    if (any(p is None for p in plans) or outputs != getattr(model, "_dynopool_planned_outputs", None)) \
+            and args and isinstance(args[0], Tensor):
+        probe.run(model, args[0][:1])
+        plans = [m._make_plan(m._last_input, v) if m._last_input is not None else None for m, v in zip(layers, values)]
+        outputs = [None if p is None else p[1] for p in plans]
+    model._dynopool_planned_outputs = outputs
+    sharded = _distributed_tensor() is not None and bool(_stored_parameters(model))
+    return [None if p is None else _with_symbols(p if sharded else (p[0], p[1], False), m.alpha.device)
+            for m, p in zip(layers, plans)]
+
+
+def _with_symbols(plan: tuple, device) -> tuple:
+    (h, w), (h_out, w_out) = plan[0], plan[1]
+    sizes = torch.empty((0, h, w, h_out, w_out), device=device)
+    _compat.mark_dynamic_sizes(sizes, [1, 2, 3, 4])
+    return plan + (sizes,)
+
+
+def _fits(plan: tuple, hw) -> bool:
+    """The plan is for an input of size hw (as symbols where the plan has them)."""
+    planned = plan[3].shape[1:3] if len(plan) > 3 else plan[0]
+    return planned[0] == hw[0] and planned[1] == hw[1]
+
+
+def _traced_plan(plan: tuple) -> tuple:
+    if len(plan) <= 3:
+        return plan
+    sizes = plan[3].shape
+    return (sizes[1], sizes[2]), (sizes[3], sizes[4]), plan[2], plan[3]
 
 
 # Module-level functions, not closures: a model with these hooks pickles (torch.save(model)).
 def _plan_hook(module: nn.Module, args) -> None:
     refuse_static_graph()  # before the host read, which would fail less clearly
-    plan_sizes(module)
+    _plan_sizes(module, torch.compiler.is_compiling(), args)
 
 
 def _drop_plans_hook(module: nn.Module, args, output) -> None:

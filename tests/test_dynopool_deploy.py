@@ -202,3 +202,87 @@ def test_frozen_model_on_cuda_equals_the_kernels_output(trained, truth):
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     assert_within(got, want, 8 * truth[2], "frozen vs kernels on CUDA")
+
+
+# ---- frozen means one size everywhere it goes (issue 27): a small network, cheap to export
+
+FROZEN_AT, OTHER_SIZES = (24, 28), {"larger": (32, 32), "smaller": (16, 20)}
+DYNAMIC_HW = "frozen for 12x14 inputs \\(the model's: 24x28\\): a dynamic height or width cannot be exported"
+OTHER_SIZE = "frozen for 12x14 inputs \\(the model's: 24x28\\); freeze the model again"
+
+
+@pytest.fixture(scope="module")
+def small_frozen():
+    """A conv, two DynOPools with moved, non-square alphas, frozen at 24x28; its eager output."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), DynOPool2d((1.7, 2.3), 0.3),
+                              torch.nn.Conv2d(4, 4, 3, padding=1), DynOPool2d((1.4, 1.1), 0.2),
+                              torch.nn.Flatten(1)).eval()
+    x = torch.randn(2, 3, *FROZEN_AT)
+    with torch.no_grad():
+        want = net(x)
+    return freeze(net, x), x, want
+
+
+@pytest.mark.parametrize("how", ["jit.trace", "jit.script"])
+def test_traced_or_scripted_frozen_model_refuses_another_size(small_frozen, how):
+    frozen, x, want = small_frozen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        m = torch.jit.trace(frozen, x) if how == "jit.trace" else torch.jit.script(frozen)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want)
+        torch.testing.assert_close(m(x[:1]), want[:1])  # the batch is free
+        for size in OTHER_SIZES.values():  # a trace used to run at a larger size, silently wrong
+            with pytest.raises(Exception, match=OTHER_SIZE):
+                m(torch.randn(2, 3, *size))
+
+
+EXPORTERS = {"dynamo": True, "torchscript": False}
+
+
+def _onnx_export(model, x, path, dynamo, dims):
+    """torch.onnx.export with the dims of x (0: batch, 2: H, 3: W) dynamic."""
+    names = {0: "n", 2: "h", 3: "w"}
+    if dynamo:
+        kw = {"dynamic_shapes": ({d: torch.export.Dim(names[d], min=2, max=256) for d in dims},)} if dims else {}
+    else:
+        kw = {"input_names": ["x"], "dynamic_axes": {"x": {d: names[d] for d in dims}}} if dims else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, **kw)
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_onnx_export_of_the_frozen_model_refuses_dynamic_hw_and_onnxruntime_other_sizes(small_frozen, tmp_path, exporter):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript" if EXPORTERS[exporter] else "onnx")
+    frozen, x, want = small_frozen
+    for dims in ((2, 3), (0, 2, 3), (3,)):  # the exporters wrote these without a word
+        # (the dynamo exporter wraps the error: its summary quotes the line, its cause is it)
+        with pytest.raises(Exception, match=DYNAMIC_HW) as e:
+            _onnx_export(frozen, x, tmp_path / "dyn.onnx", EXPORTERS[exporter], dims)
+        assert isinstance(e.value if EXPORTERS[exporter] is False else e.value.__cause__, ValueError)
+        assert not (tmp_path / "dyn.onnx").exists()
+    path = tmp_path / "frozen.onnx"
+    _onnx_export(frozen, x, path, EXPORTERS[exporter], (0,))  # a dynamic batch is fine
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {name: x[:1].numpy()})[0]), want[:1])
+    for size in OTHER_SIZES.values():  # the file declares the frozen size, which onnxruntime holds to
+        with pytest.raises(Exception, match=r"index: 2 Got: \d+ Expected: 24"):
+            session.run(None, {name: torch.randn(2, 3, *size).numpy()})
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_of_the_frozen_model_refuses_dynamic_hw(small_frozen, strict):
+    frozen, x, want = small_frozen
+    h = torch.export.Dim("h", min=2, max=256)
+    with pytest.raises(ValueError, match=DYNAMIC_HW):
+        torch.export.export(frozen, (x,), dynamic_shapes=({2: h},), strict=strict)
+    program = torch.export.export(frozen, (x,), strict=strict)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), want)
+        for size in OTHER_SIZES.values():  # the program's own input check names the frozen size
+            with pytest.raises(Exception, match="24|28"):
+                program.module()(torch.randn(2, 3, *size))

@@ -191,7 +191,7 @@ def test_one_host_read_per_model_forward(monkeypatch):
     assert all(p._plan is None for p in pools(model))  # plans last one forward
 
 
-def test_compiled_model_breaks_only_at_the_size_read_and_recompiles_only_on_a_size_change(device):
+def test_compiled_model_breaks_only_at_the_size_read_and_never_recompiles_for_a_size(device):
     from torch._dynamo.utils import counters
 
     torch.manual_seed(5)
@@ -217,8 +217,9 @@ def test_compiled_model_breaks_only_at_the_size_read_and_recompiles_only_on_a_si
             assert reasons and all("plan_sizes" in r for r in reasons), reasons
         with torch.no_grad():
             net[1].alpha.add_(0.01 if step < 2 else 0.3)  # a size change after step 2
-    assert graphs[0] == graphs[1] == graphs[2], graphs  # no recompile as alpha moves
-    assert graphs[3] > graphs[2], graphs  # 12 / 2.02 -> 6 cells: recompiled, right shape (checked above)
+    # no recompile as alpha moves, nor when a size changes (12 / 2.02 -> 6 cells; the shape is
+    # checked above): the sizes are symbols in the graph
+    assert graphs[0] == graphs[1] == graphs[2] == graphs[3], graphs
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
