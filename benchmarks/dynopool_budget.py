@@ -102,6 +102,7 @@ def run_net(data, net: str, size: int, ratio: float, steps: int, batch: int, see
         pool_opt.step()
         if step % 10 == 9 or step == steps - 1:
             trail.append(round(float(cost.cost().detach()) / budget, 4))
+            print(f"  step {step + 1}: {trail[-1]:.3f}x the budget, {time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     now = dynopool.sizes(model, shape)
     maps = []
@@ -123,19 +124,19 @@ def main_net(args) -> None:
     data = L.load_data()
     torch.set_num_threads(args.threads)
     results = []
+    out = ROOT / "benchmarks" / "results" / \
+        f"cpu-dynopool-budget-{args.net}-{args.size}-{datetime.date.today().isoformat()}.json"
     for ratio in args.budgets:
         r = run_net(data, args.net, args.size, ratio, args.steps, args.batch)
         results.append(r)
         print(f"{args.net} {args.size} px budget {ratio}x: {r['final_over_budget']:.3f}x the budget "
               f"({r['final_over_original']:.3f}x the original), smallest conv map {r['smallest_conv_map']}, "
               f"{r['seconds']:.0f} s", flush=True)
-    record = {"benchmark": "dynopool_budget", "machine": f"{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, shared CPU", "torch": torch.__version__,
-              "recipe": "SGD(lr 0.05, momentum 0.9, wd 1e-4) + Adam(pools, lr 0.01, betas (0, 0.999)), "
-                        "ComputeCostLoss(weight 10, floor 0.9, min_size 2)", "results": results}
-    out = ROOT / "benchmarks" / "results" / \
-        f"cpu-dynopool-budget-{args.net}-{args.size}-{datetime.date.today().isoformat()}.json"
-    out.write_text(json.dumps(record, indent=1) + "\n")
+        record = {"benchmark": "dynopool_budget", "machine": f"{platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} threads, shared CPU", "torch": torch.__version__,
+                  "recipe": "SGD(lr 0.05, momentum 0.9, wd 1e-4) + Adam(pools, lr 0.01, betas (0, 0.999)), "
+                            "ComputeCostLoss(weight 10, floor 0.9, min_size 2)", "results": results}
+        out.write_text(json.dumps(record, indent=1) + "\n")  # after each budget: a long run keeps what it has
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -1,5 +1,5 @@
 """What a pretrained network loses at surgery, and how fast it recovers: a torchvision
-ResNet-18 trained here on scikit-learn's digits (upsampled to 32 px, grey repeated to 3
+ResNet-18 trained here on scikit-learn's digits (16 px as make demo has them, grey repeated to 3
 channels) to ~99%, then ``replace_pooling`` (pool first, the default, and conv first), then
 100 steps of the same plain SGD over every parameter (one group). Test accuracy before, right
 after the surgery and after the 100 steps; the untouched network trained 100 steps more beside
@@ -28,7 +28,7 @@ import demo_lib as L  # noqa: E402
 
 from dynopool import replace_pooling  # noqa: E402
 
-SIZE, BATCH, PRETRAIN, AFTER = 32, 64, 400, 100
+SIZE, BATCH, PRETRAIN, AFTER = 16, 32, 300, 100
 
 
 def images(x):

@@ -13,6 +13,7 @@ residual block's shortcut (which bypasses the block's pooling) is not scaled by 
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -87,15 +88,18 @@ class _Trace:
     def held(self, min_size: int) -> set:
         """(DynOPool, axis) pairs that one output cell fewer along that axis would give a conv
         map of fewer than ``min_size`` cells there (or that cannot lose a cell). Only the pools
-        upstream of a conv whose map is small (at most 2 min_size: a cell fewer upstream can
-        halve a map at most, at alpha >= 1) are candidates; each is tried by one forward at the
+        upstream of a conv whose map is within reach of min_size (a cell fewer into a layer
+        takes at most ceil(1 / its lowest alpha) cells off its output) are candidates; each is tried by one forward at the
         example size with its alpha set to give one cell fewer. A layer-4 map at 2 cells then
         holds only the pools whose next smaller size would shrink it, not every pool upstream."""
         if min_size <= 0:
             return set()
         if min_size not in self._held:
+            # a cell fewer into a layer with alpha >= lo takes at most ceil(1 / lo) cells off its
+            # output, and a stride-1 conv's one: only maps that close to min_size can fall below it
+            reach = max(math.ceil(1 / p.alpha_range[0]) for p in self.pool_inputs) if self.pool_inputs else 1
             candidates = dict.fromkeys((p, axis) for _, ups, hw in self.layers if hw is not None
-                                       for axis in (0, 1) if hw[axis] <= 2 * min_size for p in ups)
+                                       for axis in (0, 1) if hw[axis] < min_size + reach for p in ups)
             self._held[min_size] = {c for c in candidates if not self._can_lose_a_cell(*c, min_size)}
         return self._held[min_size]
 

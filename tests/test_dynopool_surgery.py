@@ -78,6 +78,8 @@ def test_surgery_keeps_shapes_and_trains_with_alphas_anywhere(lib, name):
     report = replace_pooling(model, (1, 3, 97, 131))  # its own checks: there and at 99 x 135
     assert len(report.sites) >= 3 and report.pools, str(report)
     assert {id(p.module) for p in report.pools} == {id(p) for p in pools(model)}
+    # pool first: every replaced conv runs on the pooled map, so the network costs what it did
+    assert abs(report.macs_at_init / report.macs_original - 1) <= 0.05, str(report)
     # same sizes as the original at init, at 224 and at an odd, non-square size
     for h, w in ((224, 224), (97, 131)):
         assert_same_shapes(original, model, torch.randn(1, 3, h, w))
