@@ -13,6 +13,7 @@ residual block's shortcut (which bypasses the block's pooling) is not scaled by 
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .pool import DynOPool2d, _full_values, output_sizes
 from .probe import example_tensor, run
-from .reference import straight_through_size
+from .reference import output_size, straight_through_size
 
 
 def _layer_macs(module: nn.Module, out: Tensor) -> int:
@@ -50,6 +51,8 @@ class _Trace:
     and each DynOPool's input size."""
 
     def __init__(self, model: nn.Module, input_shape):
+        self.model, self.input_shape = model, input_shape
+        self._held: dict[int, set] = {}  # by min_size: what held() found at these sizes
         self.layers: list[tuple[int, frozenset, tuple | None]] = []  # MACs, DynOPools upstream, conv output size
         self.pool_inputs: dict[DynOPool2d, tuple[int, int]] = {}
         tags: dict[int, DynOPool2d] = {}
@@ -85,10 +88,53 @@ class _Trace:
         return self.current_sizes() != self.sizes
 
     def held(self, min_size: int) -> set:
-        """(DynOPool, axis) pairs upstream of a conv whose map is ``min_size`` cells or fewer
-        along that axis."""
-        return {(p, axis) for _, ups, hw in self.layers if hw is not None
-                for axis in (0, 1) if hw[axis] <= min_size for p in ups}
+        """(DynOPool, axis) pairs that one output cell fewer along that axis would give a conv
+        map of fewer than ``min_size`` cells there (or that cannot lose a cell). Only the pools
+        upstream of a conv whose map is within reach of min_size (a cell fewer into a layer
+        takes at most ceil(1 / its lowest alpha) cells off its output) are candidates; each is tried by one forward at the
+        example size with its alpha set to give one cell fewer. A layer-4 map at 2 cells then
+        holds only the pools whose next smaller size would shrink it, not every pool upstream."""
+        if min_size <= 0:
+            return set()
+        if min_size not in self._held:
+            # a cell fewer into a layer with alpha >= lo takes at most ceil(1 / lo) cells off its
+            # output, and a stride-1 conv's one: only maps that close to min_size can fall below it
+            reach = max(math.ceil(1 / p.alpha_range[0]) for p in self.pool_inputs) if self.pool_inputs else 1
+            candidates = dict.fromkeys((p, axis) for _, ups, hw in self.layers if hw is not None
+                                       for axis in (0, 1) if hw[axis] < min_size + reach for p in ups)
+            self._held[min_size] = {c for c in candidates if not self._can_lose_a_cell(*c, min_size)}
+        return self._held[min_size]
+
+    def _can_lose_a_cell(self, pool: DynOPool2d, axis: int, min_size: int) -> bool:
+        size, out = self.pool_inputs[pool][axis], self.sizes[pool][axis]
+        offset = pool.size_offset[axis] if pool.size_offset is not None else None
+        # the alpha halfway into the next smaller size's interval, floor(size / alpha + b) = out - 1
+        # (round(size / alpha) = out - 1 without an offset)
+        target = out - 1 if offset is None else out - 0.5 - offset
+        if out <= 1 or target <= 0:
+            return False
+        alpha = size / target
+        lo, hi = pool.alpha_range
+        if not lo <= alpha <= hi or output_size(size, alpha, offset) != out - 1:
+            return False
+        maps = []
+
+        def record(module, inputs, output):
+            maps.append(output.shape[-2 + axis])
+
+        handles = [m.register_forward_hook(record) for m in self.model.modules() if isinstance(m, nn.Conv2d)]
+        # a stand-in parameter, not a write: the task's graph may hold alpha for its backward
+        stored = pool._parameters["alpha"]
+        moved = stored.detach().clone()
+        moved[axis] = alpha
+        pool._parameters["alpha"] = nn.Parameter(moved, requires_grad=False)
+        try:
+            run(self.model, example_tensor(self.model, self.input_shape), handles)
+        except Exception:  # noqa: BLE001 - a map too small for a kernel: that cell cannot go
+            return False
+        finally:
+            pool._parameters["alpha"] = stored
+        return min(maps, default=min_size) >= min_size
 
     def cost(self, min_size: int = 0) -> Tensor:
         """The MACs, differentiable in every alpha. With ``min_size``, an alpha (per axis) gets no
@@ -153,11 +199,12 @@ class ComputeCostLoss(nn.Module):
     Without one: ``weight * cost / cost_at_init``. The layer structure is traced once and again
     only when some DynOPool's integer output size changes.
 
-    ``min_size`` (default 2): the cost stops pushing an alpha (per axis) once a convolution
-    downstream of its layer works on a map of that many cells or fewer along that axis, so the
-    budget never squeezes a map below it (the task loss still may; 0: no such floor). Over
-    budget with every alpha held that way, the budget cannot be met at that input size: a
-    warning says so (once).
+    ``min_size`` (default 2): the cost stops pushing an alpha (per axis) where one output cell
+    fewer would give some convolution a map of fewer than ``min_size`` cells along that axis,
+    so the budget never squeezes a map below it (the task loss still may; 0: no such floor).
+    Only those alphas stop: with a late map at 2 cells, earlier pools whose next smaller size
+    leaves it at 2 go on. Over budget with every alpha held, no single DynOPool can lose a
+    cell without a map below ``min_size``: a warning says so (once).
 
     The recipe that lands within 10% of the budget (README, DynOPool: training to a budget):
     ``weight=10, floor=0.9`` and the pooling parameters stepped by their own
@@ -188,9 +235,10 @@ class ComputeCostLoss(nn.Module):
         ratio = cost / self.budget
         if not self._warned and float(ratio.detach()) > 1 and self._all_held():
             self._warned = True
-            warnings.warn(f"ComputeCostLoss: the cost is {float(ratio.detach()):.3f}x the budget and every DynOPool "
-                          f"feeds a map of {self.min_size} cells or fewer: the budget cannot be met at "
-                          f"{self.input_shape} without smaller maps (min_size=0 allows them)", stacklevel=2)
+            warnings.warn(f"ComputeCostLoss: the cost is {float(ratio.detach()):.3f}x the budget and no DynOPool "
+                          f"can lose an output cell (along either axis) without giving a convolution a map of "
+                          f"fewer than {self.min_size} cells at {self.input_shape}: the cost stops pushing here "
+                          "(min_size=0 allows smaller maps; a larger input leaves room)", stacklevel=2)
         return self.weight * (torch.relu(ratio - 1) + torch.relu(self.floor - ratio))
 
     def _all_held(self) -> bool:

@@ -21,6 +21,7 @@ from msdp_kernels.dispatch import check_backend, choose_backend
 
 from . import _compat, probe, reference, small_maps, torch_pool, triton_pool
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def dynopool2d(x: Tensor, alpha, delta, *, backend: str = "auto",
@@ -139,13 +140,24 @@ class DynOPool2d(nn.Module):
     optimizer step that leaves them finite is safe, and the value stored is the value used
     (projected gradient descent). A non-finite alpha or delta (a diverged run) is an error.
 
+    Gradient (``grad_scale``): "mean" (default) gives alpha and delta the gradient of the mean
+    over the layer's outputs per sample (the spec's sum divided by C h_out w_out, each call's
+    share limited to +-0.5), so that one optimizer over every parameter (SGD at lr 0.1, AdamW)
+    moves alpha by fractions of a cell, not by tens; "sum" is the spec's gradient as it is.
+    ``dynopool2d`` (the function) always gives the spec's gradient. Casting the model
+    (``model.to(torch.bfloat16)``, ``.half()``) leaves alpha and delta in fp32.
+
     Deployment: the output size is read from alpha at run time, so the layer has no static
     graph; ``dynopool.freeze`` turns it into one with constant sizes (``FrozenDynOPool2d``).
     """
 
     def __init__(self, alpha=2.0, delta=0.25, learn_alpha: bool = True, learn_delta: bool = True,
-                 backend: str = "auto", alpha_range=(0.25, 64.0), delta_range=(0.0, 1.0), size_offset=None):
+                 backend: str = "auto", alpha_range=(0.25, 64.0), delta_range=(0.0, 1.0), size_offset=None,
+                 grad_scale: str = "mean"):
         super().__init__()
+        if grad_scale not in ("mean", "sum"):
+            raise ValueError(f"grad_scale must be 'mean' or 'sum', got {grad_scale!r}")
+        self.grad_scale = grad_scale
         self.alpha = nn.Parameter(_pair(alpha, "alpha"), requires_grad=learn_alpha)
         self.delta = nn.Parameter(_pair(delta, "delta"), requires_grad=learn_delta)
         self.backend = backend
@@ -196,7 +208,23 @@ class DynOPool2d(nn.Module):
             # (without a model's plan, the second call reads the projected values itself)
             if self._plan is plan or (len(plan) > 3 and self._plan is not None and self._plan[-1] is plan[3]):
                 self._plan = (self._plan[0], self._plan[1], False) + self._plan[3:]
-        return _pool(x, self.alpha, self.delta, self.backend, plan[1])
+        return _pool(x, *self._scaled_parameters(x, plan[1]), self.backend, plan[1])
+
+    def _scaled_parameters(self, x: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """alpha and delta as the op takes them: their values, and (``grad_scale="mean"``, the
+        default) the gradient of the mean over the layer's outputs per sample rather than of
+        their sum, each value's share limited to +-``GRAD_LIMIT`` per call. The spec's gradient
+        (``"sum"``) sums over every channel and cell: at init 4-6x the largest weight gradient
+        of a ResNet-18, growing with the map and with the activations, so one plain SGD step
+        at lr 0.1 moved alpha by tens and the projection pinned it to a bound. The mean is a
+        per-cell average (a constant factor per layer and input size: Adam's steps do not
+        change, and DDP's and FSDP2's averages are the single process's); the limit acts only
+        where the network diverges, so that a step of lr moves alpha by at most lr x 0.5 per
+        call whatever the weights do."""
+        if getattr(self, "grad_scale", "sum") == "sum":
+            return self.alpha, self.delta
+        k = 1.0 / max(1, x.shape[1] * size[0] * size[1])
+        return _MeanGradient.apply(self.alpha, k), _MeanGradient.apply(self.delta, k)
 
     @_disabled_for_graphs  # a host read: one graph break, only where no plan was made
     def _read_plan(self, hw) -> tuple:
@@ -248,6 +276,18 @@ class DynOPool2d(nn.Module):
         return (f"{values}, size={self.size_rule()}, learn_alpha={self.alpha.requires_grad}, "
                 f"learn_delta={self.delta.requires_grad}, alpha_range={self.alpha_range}, "
                 f"delta_range={self.delta_range}")
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` / ``.half()`` cast alpha and delta too: bf16 holds 2.3 as
+        2.297 and a step of 1e-3 rounds away at 2.0. They stay in their own (fp32 or fp64)
+        dtype, as norm statistics do under autocast; device moves and fp64 casts apply."""
+        def keep_precision(t):
+            out = fn(t)
+            if (isinstance(out, Tensor) and out.dtype in _LOW_PRECISION and t.is_floating_point()
+                    and t.dtype not in _LOW_PRECISION):
+                return t.to(device=out.device)  # from the original: no round trip through 16 bits
+            return out
+        return super()._apply(keep_precision, recurse)
 
     def __prepare_scriptable__(self):  # torch.jit.script calls this first
         raise RuntimeError(STATIC_GRAPH_ERROR)
@@ -301,6 +341,26 @@ def _same_values(a, b) -> bool:
 def _shown(t) -> list:
     t = t.full_tensor() if hasattr(t, "full_tensor") else t
     return [round(v, 6) for v in t.detach().float().cpu().reshape(-1).tolist()]
+
+
+GRAD_LIMIT = 0.5  # the most a call adds to alpha's or delta's gradient, per value (grad_scale="mean")
+
+
+class _MeanGradient(torch.autograd.Function):
+    """The value as it is; the gradient times k (1 / the outputs per sample), clipped to
+    +-GRAD_LIMIT."""
+
+    @staticmethod
+    def forward(t: Tensor, k: float) -> Tensor:
+        return t.clone()  # not a view: the projection writes alpha in place before the next call
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.k = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad * ctx.k).clamp(-GRAD_LIMIT, GRAD_LIMIT), None
 
 
 def _rule(b: float, axis: str) -> str:

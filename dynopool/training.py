@@ -15,9 +15,13 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0, pool
     pool_lr_scale * lr, "weight_decay": pool_weight_decay}]``. Shared layers are listed once,
     frozen parameters not at all.
 
-    Why 0.01: alpha's and delta's gradients are sums over every output of the layer (tens at
-    initialisation in a ResNet-18 on 32 px images, against ~0.01-1 per weight), so at the
-    network's learning rate one SGD step would move the output size by whole cells.
+    Why 0.01: with the spec's gradient (``DynOPool2d(grad_scale="sum")``) alpha's and delta's
+    gradients are sums over every output of the layer (tens at initialisation in a ResNet-18
+    on 32 px images, against ~0.01-1 per weight), so at the network's learning rate one SGD
+    step would move the output size by whole cells. With the default ``grad_scale="mean"``
+    (the mean over the outputs) one group at the network's rate trains too
+    (``pool_lr_scale=1.0``, or ``model.parameters()`` as they are); 0.01 stays the default so
+    that runs set up with it move alpha more slowly than the weights.
 
         opt = torch.optim.SGD(dynopool.param_groups(model, lr=0.1, weight_decay=1e-4), lr=0.1, momentum=0.9)
     """

@@ -155,27 +155,101 @@ def test_a_floor_pushes_the_cost_back_up_to_the_budget():
 
 
 def test_the_cost_stops_squeezing_maps_at_min_size():
-    # 16 -> 8 -> 2 x 4: the last conv works on 2 rows, so neither pool's alpha_h is pushed any
-    # more; alpha_w still is. The value is the same either way.
+    # 16 -> 8 -> 2 x 4: the last conv works on 2 rows, so the second pool's alpha_h is not
+    # pushed any more (one row fewer: 1); the first pool's is (8 -> 7 rows still gives
+    # round(7 / 4) = 2); alpha_w still is. The value is the same either way.
     model = three_convs(alpha2=(4.0, 2.0))
     held = ComputeCostLoss(model, (1, 1, 16, 16), budget=1.0)
     free = ComputeCostLoss(model, (1, 1, 16, 16), budget=1.0, min_size=0)
     assert held.cost().item() == free.cost().item()
     pools = [m for m in model if isinstance(m, DynOPool2d)]
-    for loss, h_zero in ((held, True), (free, False)):
+    for loss, h_zero in ((held, [False, True]), (free, [False, False])):
         for p in pools:
             p.alpha.grad = None
-        with _no_warning():  # alpha_w can still move: the budget is not out of reach
+        with _no_warning():  # alphas can still move: the budget is not out of reach
             loss().backward()
-        for p in pools:
-            assert (p.alpha.grad[0] == 0) == h_zero and p.alpha.grad[1] < 0
-    # every alpha held and over budget: the budget cannot be met at this size, said once
-    model = three_convs(alpha2=4.0)
+        for p, zero in zip(pools, h_zero):
+            assert (p.alpha.grad[0] == 0) == zero and p.alpha.grad[1] < 0
+    # every alpha held and over budget (16 -> 6 -> 2: 5 rows give round(5 / 4) = 1): said once
+    model = three_convs(alpha1=2.65, alpha2=4.0)
+    assert held_by_hand(model, (1, 1, 16, 16)) == {(i, axis) for i in (0, 1) for axis in (0, 1)}
     loss = ComputeCostLoss(model, (1, 1, 16, 16), budget=1.0)
-    with pytest.warns(UserWarning, match="budget cannot be met"):
+    with pytest.warns(UserWarning, match="no DynOPool can lose an output cell"):
         loss()
     with _no_warning():
         loss()
+
+
+def held_by_hand(model, shape, min_size=2):
+    """{(pool index, axis)} whose output, one cell smaller along that axis (alpha set by hand
+    to the middle of that size's interval), gives some conv a map below min_size: the truth
+    for ComputeCostLoss's min_size, taken by running the model."""
+    from dynopool import reference
+
+    pools = list(dict.fromkeys(m for m in model.modules() if isinstance(m, DynOPool2d)))
+    seen = {}
+
+    def record(m, i, o):
+        seen.setdefault(m, (i[0].shape[-2:], o.shape[-2:]))
+
+    probe.run(model, torch.zeros(shape), [p.register_forward_hook(record) for p in pools])
+    held = set()
+    for k, p in enumerate(pools):
+        for axis in (0, 1):
+            size, out = seen[p][0][axis], seen[p][1][axis]
+            b = p.size_offset[axis] if p.size_offset else None
+            alpha = size / (out - 1 if b is None else out - 0.5 - b) if out > 1 else None
+            if alpha is None or reference.output_size(size, alpha, b) != out - 1:
+                held.add((k, axis))
+                continue
+            saved = p.alpha.detach().clone()
+            maps = []
+            with torch.no_grad():
+                p.alpha[axis] = alpha
+            try:
+                probe.run(model, torch.zeros(shape), [m.register_forward_hook(
+                    lambda m, i, o: maps.append(o.shape[-2 + axis])) for m in model.modules()
+                    if isinstance(m, nn.Conv2d)])
+                if min(maps) < min_size:
+                    held.add((k, axis))
+            except RuntimeError:
+                held.add((k, axis))
+            finally:
+                with torch.no_grad():
+                    p.alpha.copy_(saved)
+    return held
+
+
+def test_min_size_holds_only_the_alphas_whose_next_size_would_shrink_a_small_map():
+    # ResNet-18 at 128 px, layer 4 at 2 x 2 (its pool's alpha 4): the earlier pools can still
+    # lose cells without taking layer 4 below 2, so the cost keeps pushing them; it used to
+    # hold every alpha (every pool is upstream of layer 4) and warn that the budget could not
+    # be met, while alphas set by hand reach 0.47x the original with every conv map >= 2
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    shape = (1, 3, 128, 128)
+    report = replace_pooling(model, shape)
+    pools = [p.module for p in report.pools]
+    with torch.no_grad():
+        pools[4].alpha.fill_(4.0)  # layer 4: 8 -> 2
+    cost = ComputeCostLoss(model, shape, budget=0.5 * report.macs_original, weight=10.0, floor=0.9)
+    model.zero_grad()
+    with _no_warning():
+        cost().backward()
+    truth = held_by_hand(model, shape)
+    assert truth == {(4, 0), (4, 1)}
+    for k, p in enumerate(pools):
+        for axis in (0, 1):
+            grad = 0.0 if p.alpha.grad is None else float(p.alpha.grad[axis])
+            assert (grad == 0) == ((k, axis) in truth), (k, axis, p.alpha.grad)
+    # the hand-set alphas that reach the budget with every map >= 2
+    with torch.no_grad():
+        for p, a in zip(pools, (2.0, 3.0, 2.0, 2.0, 4.0)):
+            p.alpha.fill_(a)
+    maps = []
+    probe.run(model, torch.zeros(shape), [m.register_forward_hook(lambda m, i, o: maps.append(min(o.shape[-2:])))
+                                          for m in model.modules() if isinstance(m, nn.Conv2d)])
+    assert min(maps) >= 2 and int(count_macs(model, shape)) / report.macs_original < 0.5
 
 
 @contextlib.contextmanager

@@ -74,7 +74,7 @@ def test_frozen_model_equals_the_trained_one(trained, frozen, truth):
     model, x = trained
     assert not pools(frozen) and pools(model)  # a copy: the trained model keeps its DynOPools
     layers = [m for m in frozen.modules() if isinstance(m, FrozenDynOPool2d)]
-    assert len(layers) == 4 and frozen.layer2[0].conv1[1] is frozen.layer2[0].downsample[0][1]  # still shared
+    assert len(layers) == 5 and frozen.layer2[0].conv1[0] is frozen.layer2[0].downsample[0][0]  # still shared
     assert layers[1].output_size == pools(model)[1].output_size(*layers[1].input_size)
     assert not frozen._forward_pre_hooks and not frozen._forward_hooks  # no size read left
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_whole_model_save_pickle_and_deepcopy(trained, truth, tmp_path):
     for name, m in copies.items():
         with torch.no_grad():
             assert torch.equal(m(x), want), name
-        assert m.layer2[0].conv1[1] is m.layer2[0].downsample[0][1], name  # sharing survives
+        assert m.layer2[0].conv1[0] is m.layer2[0].downsample[0][0], name  # sharing survives
         assert len(m._forward_pre_hooks) == 1, name  # the one size read per forward too
     frozen = pickle.loads(pickle.dumps(freeze(model, x)))
     with torch.no_grad():

@@ -267,3 +267,27 @@ def test_network_benchmark_script_writes_its_record(tmp_path, device):
     assert record["suite"] == "dynopool_net" and case["name"] == "resnet18-b2-32-bf16-cl-eager"
     assert set(case["ms"]) == set(gpu_net.VARIANTS) and case["vs_maxpool"] > 0
     assert len(list(tmp_path.glob("gpu-dynopool_net-*.json"))) == 1
+
+
+def test_alpha_and_delta_stay_fp32_when_the_model_is_cast():
+    # model.to(bf16) used to make alpha bf16: 2.3 became 2.297, and Adam's 1e-3 steps rounded
+    # away at 2.0 (bf16 has 1/64 between 2 and its neighbours)
+    import copy
+
+    model = resnet18_dynopool()
+    with torch.no_grad():
+        for p in pools(model):
+            p.alpha.fill_(2.3)
+    want = torch.tensor(2.3).item()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)):
+        m = cast(copy.deepcopy(model))
+        assert m.fc.weight.dtype in (torch.bfloat16, torch.float16)
+        for p in pools(m):
+            assert p.alpha.dtype == p.delta.dtype == torch.float32 and p.alpha.tolist() == [want, want]
+    assert all(p.alpha.dtype == torch.float64 for p in pools(copy.deepcopy(model).double()))  # not a downcast
+    pool = DynOPool2d(2.0).to(torch.bfloat16)
+    opt = torch.optim.Adam([pool.alpha], lr=1e-3)
+    for _ in range(20):
+        pool.alpha.grad = torch.ones(2)
+        opt.step()
+    assert pool.alpha.dtype == torch.float32 and torch.allclose(pool.alpha, torch.full((2,), 1.98), atol=1e-4)
