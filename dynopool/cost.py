@@ -206,7 +206,7 @@ class ComputeCostLoss(nn.Module):
     leaves it at 2 go on. Over budget with every alpha held, no single DynOPool can lose a
     cell without a map below ``min_size``: a warning says so (once).
 
-    The recipe that lands within 10% of the budget (README, DynOPool: training to a budget):
+    The recipe that lands within 10% of the budget (docs/dynopool.md, Training to a budget):
     ``weight=10, floor=0.9`` and the pooling parameters stepped by their own
     ``torch.optim.Adam(pools, lr=0.01, betas=(0.0, 0.999))`` (``split_parameters``)."""
 

@@ -29,7 +29,7 @@ def dynopool2d(x: Tensor, alpha, delta, *, backend: str = "auto",
     """DynOPool: learnable output size (``alpha`` = inverse scale per axis, (h, w)) and query
     spread (``delta``, in output cells), by bilinear sampling and a max over 4 queries per
     cell. Differentiable in x, alpha and delta; ``alpha`` gets the straight-through gradient
-    of the output size. See ``shared/spec/dynopool.md``.
+    of the output size. See ``docs/spec.md``, "DynOPool".
 
     ``alpha`` and ``delta``: tensors of 2 values (h, w), or numbers or pairs (constants, as
     ``DynOPool2d`` takes them). ``x``: floating point.
@@ -99,7 +99,7 @@ STATIC_GRAPH_ERROR = (
     "DynOPool2d takes its output size from alpha's value at run time, which a static graph "
     "(torch.export, ONNX, TorchScript, compile(fullgraph=True)) cannot hold: freeze the trained model "
     "first, frozen = dynopool.freeze(model, example_input), and export, trace or script `frozen` "
-    "(README, DynOPool: deployment)")
+    "(docs/dynopool.md, Deployment)")
 
 
 def _disabled_for_graphs(fn):
@@ -248,7 +248,7 @@ class DynOPool2d(nn.Module):
         a, d = values[:2], values[2:]
         if not all(map(math.isfinite, values)):
             raise ValueError(f"DynOPool2d parameters are not finite (alpha {a}, delta {d}): the "
-                             "training has diverged (see the README for learning rates that train)")
+                             "training has diverged (docs/dynopool.md, Training, has learning rates that train)")
         return ([min(max(v, self.alpha_range[0]), self.alpha_range[1]) for v in a],
                 [min(max(v, self.delta_range[0]), self.delta_range[1]) for v in d])
 

@@ -1,5 +1,5 @@
 """DynOPool (Jang, Chu, Kim, Han, CVPR 2022) in plain PyTorch: the executable form of
-``shared/spec/dynopool.md``, differentiable in x, alpha and delta. Every other path (the
+``docs/spec.md``, "DynOPool", differentiable in x, alpha and delta. Every other path (the
 fast PyTorch path ``torch_pool.py``, the Triton kernels, the frozen module) is held to it.
 
 Per axis (H shown; W alike), with alpha the inverse scale and delta the query spread:

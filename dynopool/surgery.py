@@ -9,7 +9,7 @@ stride 1 ("pool first", the default: the conv runs on the pooled map, so the net
 it did at init, and the cost loss can take it below that), padded where it would shrink the
 map; ``placement="conv_first"`` puts the stride-1 conv before the DynOPool instead (that conv
 then runs at full resolution: ~4x its MACs at init). The spec's two rules
-(``shared/spec/dynopool.md``, "Replacing resizing layers"):
+(``docs/spec.md``, "Surgery (replacing down-sampling)"):
 
 - Same shapes at init. Each site's own size rule, out = floor((H + c) / 2), is measured on
   small inputs, and its DynOPool gets floor(H / alpha + c / 2): the same sizes at alpha = 2 for

@@ -35,7 +35,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0, pool
 def split_parameters(model: nn.Module) -> tuple[list, list]:
     """(the network's trainable parameters, every DynOPool2d's trainable alpha and delta), each
     shared parameter once: for a separate optimizer on the pooling parameters, the recipe
-    that lands on a cost budget (README):
+    that lands on a cost budget (docs/dynopool.md):
 
         weights, pools = dynopool.split_parameters(model)
         opt = torch.optim.SGD(weights, lr=0.1, momentum=0.9, weight_decay=1e-4)

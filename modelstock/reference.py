@@ -1,5 +1,5 @@
 """Model Stock's math for one layer, in plain PyTorch (the executable form of
-``shared/spec/modelstock.md``); what in-memory merges of CPU tensors run on.
+``docs/spec.md``, "Model Stock"); what in-memory merges of CPU tensors run on.
 
 A layer is given flat: the pre-trained ``w0`` and the fine-tuned ``ws = [w1..wN]``, all of one
 floating dtype (the compute dtype). With ``rows > 1`` (granularity ``row``) every row of the

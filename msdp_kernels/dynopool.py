@@ -1,4 +1,4 @@
-"""Triton kernels for DynOPool (``shared/spec/dynopool.md``): forward, and the backward to x and
+"""Triton kernels for DynOPool (``docs/spec.md``, "DynOPool"): forward, and the backward to x and
 to (alpha, delta). ``dynopool/reference.py`` is the truth they are held to.
 
 Coordinates. Every output cell (i, j) reads query rows y_(i,k) and columns u_(j,l), k, l in

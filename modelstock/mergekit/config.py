@@ -3,7 +3,7 @@
 What mergekit's model_stock computes, per tensor (or per row with ``filter_wise``): the mean over
 pairs of cos = <d_i, d_j> / max(|d_i| |d_j|, 1e-6), clipped to [-1, 1] only (the authors'
 formula: this package's ``clamp=False``), t = N cos / (1 + (N - 1) cos), then
-t * mean + (1 - t) * w0. Differences, documented in the README: this package adds eps = 1e-8 to
+t * mean + (1 - t) * w0. Differences, documented in docs/mergekit.md: this package adds eps = 1e-8 to
 the norm product instead of flooring it at 1e-6 (the two agree within 1e-8 relative wherever
 the norm product is above 1e-6), computes in fp32 whatever ``dtype`` says (mergekit computes in
 ``dtype``, e.g. bf16), and writes w0 + t mean_i(w_i - w0) (the same value, rounded less).
