@@ -219,7 +219,7 @@ def test_size_offset_keeps_a_sites_rounding():
         assert output_size(h, 2.0, -0.5) == max(1, (h - 1) // 2)
     assert output_size(97, 2.0) == 48  # round half to even: the plain layer's rule
     assert output_size(10, 3.0, 0.5) == 3 and output_size(11, 3.0, 0.5) == 4  # floor(3.33 + .5), floor(3.67 + .5)
-    pool = DynOPool2d(2.0, 0.25, size_offset=(0.5, 0.0))
+    pool = DynOPool2d(2.0, 0.25, size_offset=(0.5, 0.0), grad_scale="sum")  # the spec's gradient, unscaled
     x = torch.randn(1, 2, 97, 131, requires_grad=True)
     out = pool(x)
     assert out.shape[-2:] == (49, 65) == pool.output_size(97, 131)
