@@ -322,3 +322,33 @@ def test_an_adapter_carrying_other_base_weights_is_refused(base_dir, adapters, t
     save_file(tensors, changed / "adapter_model.safetensors")
     with pytest.raises(InputError, match="carries its own 'model.embed_tokens.weight', which differs"):
         modelstock.merge_files(base_dir, [adapters[0], changed], tmp_path / "o")
+
+
+def test_adapter_output_folder_is_put_in_place_as_every_output(base_dir, adapters, tmp_path, monkeypatch):
+    """--adapter writes a folder like any folder output (io/atomic.py): built out of sight and put
+    in place at the end, an existing adapter replaced only with force, a user's other files kept,
+    and a merge that stops removes only its own private folder."""
+    out = tmp_path / "merged-adapter"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "adapter_config.json").write_text("{}")  # an earlier adapter someone keeps here
+    with pytest.raises(modelstock.InputError, match="adapter_config.json"):
+        modelstock.merge_files(None, adapters, out, adapter=True)
+    assert (out / "adapter_config.json").read_text() == "{}" and sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "notes.txt"]
+    modelstock.merge_files(None, adapters, out, adapter=True, force=True)
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "adapter_config.json").read_text())["r"]
+
+    fresh = tmp_path / "fresh"
+    from modelstock.io.writer import CheckpointWriter
+
+    def another_process_then_ctrl_c(self, *args, **kwargs):
+        fresh.mkdir(exist_ok=True)  # meanwhile another process makes the folder and writes in it
+        (fresh / "notes.txt").write_text("theirs")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CheckpointWriter, "commit", another_process_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        modelstock.merge_files(None, adapters, fresh, adapter=True)
+    assert sorted(p.name for p in fresh.iterdir()) == ["notes.txt"]  # theirs kept, nothing of ours
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh")]

@@ -450,8 +450,11 @@ def _write_adapter_folder(out: Path, tensors, config: dict, input_files, force: 
         raise InputError("--adapter writes a folder, but this is a file", str(out))
     if not out.parent.is_dir():
         raise InputError("the output's folder does not exist", str(out.parent))
-    for name in (ADAPTER_WEIGHTS, CONFIG_NAME):
-        check_output_file(out / name, input_files, force)
+    if out.is_dir():  # an existing folder: its files are replaced only with force
+        for name in (ADAPTER_WEIGHTS, CONFIG_NAME):
+            check_output_file(out / name, input_files, force)
+    else:
+        check_not_an_input(out, input_files)
     remove_stale(out, AtomicFolder.INSIDE)  # private folders of merges into ``out`` that were killed
     staging = AtomicFolder(out, durable)
     try:
