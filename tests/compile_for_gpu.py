@@ -57,8 +57,8 @@ def merge_kernels(dt):
         (km._gram_tiles_kernel, {"base": f"*{dt}", "offs_tab": "*i64", "tiles": "*i64", "partials": "*fp32",
                                  "n": I32, "stride": I32}, const),
         (km._merge_tiles_kernel, {"base": f"*{dt}", "offs_tab": "*i64", "out": f"*{dt}", "out_offs": "*i64",
-                                  "tiles": "*i64", "tile_seg": "*i64", "t": "*fp32", "ok": "*i32", "n": I32,
-                                  "stride": I32}, const),
+                                  "tiles": "*i64", "tile_seg": "*i64", "t": "*fp32", "u_tab": "*fp32",
+                                  "ok": "*i32", "n": I32, "stride": I32}, const),
         (km._reduce_segments_kernel, {"partials": "*fp32", "seg_tiles": "*i64", "gram": "*fp64"},
          {"NN": 4, "CHUNK": 64}),
     ]
