@@ -560,7 +560,8 @@ def _check_alpha_moves(model, x, sites, alpha_range, diagnose=True) -> dict:
         return {}
     if not diagnose:
         raise ValueError(f"replace_pooling: the network fails when its DynOPool levels move together ({failure}); "
-                         "the model is restored")
+                         "the model is restored (for a network whose sizes must stay as they are, "
+                         "replace_pooling(..., learn_alpha=False) learns delta only)")
     return {p: why for p in pools if (why := run({p})) is not None} or \
         {p: failure for p in pools}  # only together: none can be kept with confidence
 
@@ -591,6 +592,6 @@ def _change(m: nn.Module, placement: str) -> str | None:
         return "ceil-mode max pool -> DynOPool (its last cell spans the border pixel differently)"
     if placement == "pool_first":
         return ("stride-2 conv -> a max over each 2x2 window (DynOPool) + the same conv at stride 1 on the pooled "
-                "map (the original kept one sample per window; the conv now sees a 2x wider field)")
+                "map (the original kept one sample per window; the conv then sees a 2x wider field)")
     return ("stride-2 conv -> the same conv at stride 1 + a max over each 2x2 window "
             "(the original kept one sample per window)")

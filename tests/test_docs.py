@@ -58,6 +58,9 @@ def test_relative_links_resolve(page):
 @pytest.mark.subprocess
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=_name)
 def test_page_blocks_run_as_written(page, tmp_path, monkeypatch):
+    from modelstock.io import source
+
+    monkeypatch.setattr(source, "_FORMATS", list(source._FORMATS))  # a page may register a format: not for later tests
     monkeypatch.chdir(tmp_path)  # whatever a block writes lands here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

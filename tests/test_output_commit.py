@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -133,6 +134,8 @@ def test_ctrl_c_keeps_what_another_process_wrote_into_the_new_output_folder(tmp_
     out.mkdir(exist_ok=True)  # the user makes the folder and puts notes in it meanwhile
     (out / "notes.txt").write_text("mine")
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    go.touch()  # the paused write goes on, as real I/O would: the merge's clean-up may wait for it
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err
     assert entries(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
