@@ -134,8 +134,10 @@ def test_ctrl_c_keeps_what_another_process_wrote_into_the_new_output_folder(tmp_
     out.mkdir(exist_ok=True)  # the user makes the folder and puts notes in it meanwhile
     (out / "notes.txt").write_text("mine")
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
-    go.touch()  # the paused write goes on, as real I/O would: the merge's clean-up may wait for it
+    try:  # the interrupt acts first; only then does the paused write go on, as real I/O would
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # the merge's clean-up waits for its writer: release it
+        go.touch()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err
     assert entries(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
